@@ -1,0 +1,52 @@
+"""dask-lazycluster: a Dask cluster on any machines you can ``ssh`` into, with one line.
+
+Public names are re-exported here; module paths mirror lazycluster's, so migrating is a change
+of import prefix (``lazycluster.`` -> ``dask_lazycluster.``).
+"""
+
+from dask_lazycluster import config as _config  # noqa: F401  (registers lazycluster.* defaults)
+from dask_lazycluster.cluster.dask_cluster import (
+    DaskCluster,
+    LocalMasterLauncher,
+    RemoteWorker,
+    RoundRobinLauncher,
+)
+from dask_lazycluster.cluster.exceptions import MasterStartError
+from dask_lazycluster.cluster.runtime_cluster import (
+    MasterLauncher,
+    MasterWorkerCluster,
+    WorkerLauncher,
+)
+from dask_lazycluster.exceptions import (
+    InvalidRuntimeError,
+    LazyclusterError,
+    NoPortsLeftError,
+    NoRuntimesDetectedError,
+    PortInUseError,
+    TaskExecutionError,
+)
+from dask_lazycluster.runtime_mgmt import RuntimeGroup
+from dask_lazycluster.runtimes import Runtime, RuntimeTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DaskCluster",
+    "InvalidRuntimeError",
+    "LazyclusterError",
+    "LocalMasterLauncher",
+    "MasterLauncher",
+    "MasterStartError",
+    "MasterWorkerCluster",
+    "NoPortsLeftError",
+    "NoRuntimesDetectedError",
+    "PortInUseError",
+    "RemoteWorker",
+    "RoundRobinLauncher",
+    "Runtime",
+    "RuntimeGroup",
+    "RuntimeTask",
+    "TaskExecutionError",
+    "WorkerLauncher",
+    "__version__",
+]

@@ -1,0 +1,184 @@
+"""Code that runs on the runtimes, not on the manager.
+
+The manager starts ``python -c BOOTSTRAP`` over SSH and writes this file's source to its stdin,
+then one JSON request line, then the request's payload. Requests, environment and pickles travel
+over stdin, so nothing secret ever shows on a remote command line (``ps``). Only the standard
+library is imported at module level: the remote may lack everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from typing import Any, BinaryIO
+
+# The remote command line: read N, then exec the next N bytes of stdin (this module).
+BOOTSTRAP = "import sys;exec(sys.stdin.buffer.read(int(sys.stdin.buffer.readline())))"
+RESULT_HEADER = b"LAZYCLUSTER-RESULT "
+
+
+def _events_stream() -> BinaryIO:
+    """Keep the real stdout for protocol messages and point fd 1 at stderr.
+
+    User code (functions, Dask) may print freely; its output lands in the captured log.
+    """
+    events = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return events
+
+
+def _emit(stream: BinaryIO, **message: Any) -> None:
+    stream.write(json.dumps(message).encode() + b"\n")
+
+
+def probe(request: dict[str, Any]) -> None:
+    """Print facts about this host as one JSON line."""
+    import platform
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        memory = 0
+    gpus: list[str] = []
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5)
+            gpus = [line for line in out.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            gpus = []
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            distributed = version("distributed")
+        except PackageNotFoundError:
+            distributed = None
+    except ImportError:  # pragma: no cover - python < 3.8
+        distributed = None
+    info = {
+        "os": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_cores": cores,
+        "memory": memory,
+        "python_version": platform.python_version(),
+        "python": sys.executable,
+        "gpus": gpus,
+        "distributed_version": distributed,
+        "tmp": tempfile.gettempdir(),
+    }
+    print(json.dumps(info), flush=True)
+
+
+def run_function(request: dict[str, Any]) -> None:
+    """Unpickle ``(function, kwargs)`` from stdin, call it and write the pickled outcome."""
+    events = _events_stream()
+    data = sys.stdin.buffer.read(int(request["size"]))
+    import cloudpickle
+
+    try:
+        function, kwargs = cloudpickle.loads(data)
+        outcome: tuple[str, Any] = ("ok", function(**kwargs))
+        payload = cloudpickle.dumps(outcome)
+    except BaseException:
+        traceback.print_exc()
+        payload = cloudpickle.dumps(("error", traceback.format_exc()))
+    sys.stderr.flush()
+    events.write(RESULT_HEADER + str(len(payload)).encode() + b"\n" + payload)
+
+
+def _kill_group() -> None:
+    """Kill this process and everything it started (same process group)."""
+    import signal
+
+    sys.stderr.flush()
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def serve(request: dict[str, Any]) -> None:
+    """Run a Dask server (Nanny, Worker, ...) in this process until told to stop.
+
+    A ``stop`` line on stdin closes it gracefully. End of stdin means the SSH channel is gone
+    (cleanup, or the manager died): the whole process group is killed at once, so no worker
+    outlives its manager.
+    """
+    import asyncio
+
+    try:
+        os.setsid()  # own process group even when sshd did not make us a leader
+    except OSError:
+        pass
+    events = _events_stream()
+    stop_requested: list[bool] = []
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    stop_event_box: list[asyncio.Event] = []
+
+    def watch_stdin() -> None:
+        for line in sys.stdin.buffer:
+            if line.strip() == b"stop":
+                stop_requested.append(True)
+                if loop_box and stop_event_box:
+                    loop_box[0].call_soon_threadsafe(stop_event_box[0].set)
+        _kill_group()
+
+    threading.Thread(target=watch_stdin, name="lazycluster-stdin", daemon=True).start()
+
+    async def run() -> None:
+        from distributed.utils import import_term
+
+        loop_box.append(asyncio.get_running_loop())
+        stop_event = asyncio.Event()
+        stop_event_box.append(stop_event)
+        if stop_requested:
+            return
+        cls = import_term(request["cls"])
+        server = cls(request["scheduler"], **request["options"])
+        await server
+        _emit(
+            events,
+            event="started",
+            address=server.address,
+            worker_address=getattr(server, "worker_address", server.address),
+            pid=os.getpid(),
+        )
+        finished = asyncio.ensure_future(server.finished())
+        stopping = asyncio.ensure_future(stop_event.wait())
+        await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        await server.close()
+
+    try:
+        asyncio.run(run())
+    except BaseException:
+        _emit(events, event="error", message=traceback.format_exc())
+        sys.stderr.flush()
+        os._exit(1)
+    _emit(events, event="exited")
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    """Read the request line from stdin and run the requested action."""
+    request = json.loads(sys.stdin.buffer.readline())
+    os.environ.update(request.get("env") or {})
+    cwd = request.get("cwd")
+    if cwd:
+        os.makedirs(cwd, mode=0o700, exist_ok=True)
+        os.chdir(cwd)
+    {"probe": probe, "function": run_function, "serve": serve}[request["action"]](request)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,970 @@
+"""One SSH host as a runtime (:class:`Runtime`) and the work run on it (:class:`RuntimeTask`).
+
+Every method of :class:`Runtime` is a thin sync wrapper over a coroutine that runs on the
+private SSH loop (see ``_loop``); the cluster layer awaits the coroutines directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import copy
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import cloudpickle
+
+from dask_lazycluster import _remote
+from dask_lazycluster._loop import get_loop, on_loop, run_sync
+from dask_lazycluster.exceptions import (
+    InvalidRuntimeError,
+    LazyclusterError,
+    NoPortsLeftError,
+    PortInUseError,
+    TaskExecutionError,
+)
+from dask_lazycluster.utils import parse_listening_ports, validate_port, validate_ports
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# AES-GCM measured ~1.3x the default cipher's tunnel throughput here; keep the rest as fallback.
+_PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+_REMOTE_SOURCE = Path(_remote.__file__).read_bytes()
+_LOG_TAIL = 20
+
+_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _cipher_preference() -> list[str]:
+    defaults = [alg.decode() for alg in asyncssh.encryption.get_default_encryption_algs()]
+    return _PREFERRED_CIPHERS + [alg for alg in defaults if alg not in _PREFERRED_CIPHERS]
+
+
+def _describe_connect_error(exc: BaseException, timeout: float) -> str:
+    """Turn a connection failure into words a user can act on."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return f"timed out after {timeout:g} s while connecting"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is sshd running on that port?)"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return f"host key not verified: {exc.reason} (add the host to ~/.ssh/known_hosts)"
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return f"authentication failed: {exc.reason}"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"SSH connection failed: {exc.reason}"
+    if isinstance(exc, OSError):
+        return f"cannot connect: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _tail(lines: list[str], n: int = _LOG_TAIL) -> str:
+    return "\n".join(lines[-n:])
+
+
+class RemoteProcess:
+    """A supervised long-running python process on a runtime (a Dask server).
+
+    Created by :meth:`Runtime.start_server`. Its stdin is the lifeline: a ``stop`` line asks for
+    a graceful close; closing the channel (or the manager dying) kills the remote process group.
+
+    Args:
+        runtime: The runtime it runs on.
+        process: The asyncssh process.
+        name: A label for logs and errors.
+        debug: Whether to print its output live.
+        python: The interpreter it runs on (named in errors).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        process: asyncssh.SSHClientProcess,
+        name: str,
+        debug: bool,
+        python: str,
+    ) -> None:
+        self.runtime = runtime
+        self.python = python
+        self.name = name
+        self.log: list[str] = []
+        self._process = process
+        self._debug = debug
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._readers = [
+            asyncio.ensure_future(self._read_events()),
+            asyncio.ensure_future(self._read_log()),
+        ]
+
+    async def _read_events(self) -> None:
+        async for line in self._process.stdout:
+            try:
+                await self._events.put(json.loads(line))
+            except ValueError:
+                self.log.append(line.decode(errors="replace").rstrip())
+        await self._events.put({"event": "eof"})
+
+    async def _read_log(self) -> None:
+        async for raw in self._process.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.log.append(line)
+            if self._debug:
+                print(f"[{self.runtime.host}:{self.name}] {line}", flush=True)
+
+    async def wait_started(self, timeout: float) -> dict[str, Any]:
+        """Wait for the server's ``started`` message.
+
+        Args:
+            timeout: Seconds to wait.
+
+        Returns:
+            The message (``address``, ``worker_address``, ``pid``).
+
+        Raises:
+            LazyclusterError: If the process fails or exits first, with the host and output tail.
+            TimeoutError: If nothing is heard within ``timeout``.
+        """
+        message = await asyncio.wait_for(self._events.get(), timeout)
+        if message.get("event") == "started":
+            return message
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        detail = message.get("message") or _tail(self.log) or "no output"
+        raise LazyclusterError(
+            f"{self.name} failed to start on host {self.runtime.host!r} "
+            f"(python {self.python!r}):\n{detail}"
+        )
+
+    @property
+    def exited(self) -> bool:
+        """Whether the remote process has ended."""
+        return self._process.is_closing() or self._readers[0].done()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Close the server gracefully, then kill its process group if it lingers.
+
+        Args:
+            grace: Seconds to wait for a graceful exit.
+        """
+        if not self.exited:
+            try:
+                self._process.stdin.write(b"stop\n")
+                await asyncio.wait_for(asyncio.shield(self._readers[0]), grace)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error, BrokenPipeError):
+                pass
+        await self.kill()
+
+    async def kill(self) -> None:
+        """Drop the channel: the remote side kills its whole process group."""
+        try:
+            self._process.stdin.write_eof()
+        except (OSError, asyncssh.Error, BrokenPipeError):
+            pass
+        self._process.close()
+        try:
+            await asyncio.wait_for(self._process.wait_closed(), 5)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            pass
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self.runtime._servers.discard(self)
+
+
+@dataclass
+class _Step:
+    kind: str  # "command" | "function" | "send_file" | "get_file"
+    args: tuple[Any, ...]
+
+    def describe(self, index: int) -> str:
+        shown = self.args[0].__name__ if self.kind == "function" else self.args[0]
+        return f"{index + 1} ({self.kind} {shown!s})"
+
+
+class RuntimeTask:
+    """A named sequence of steps (commands, functions, file transfers) run on one runtime.
+
+    Steps are added with the chainable methods and run in order by
+    :meth:`Runtime.execute_task` or :meth:`RuntimeGroup.execute_task`; the first failing step
+    stops the task with :class:`TaskExecutionError`.
+
+    Args:
+        name: A name for logs; a unique one is generated when omitted.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name!r}")
+        self.name = name or f"task-{uuid.uuid4().hex[:8]}"
+        self._steps: list[_Step] = []
+        self._log: list[str] = []
+        self._returns: list[Any] = []
+        self._future: concurrent.futures.Future[None] | None = None
+        self.host: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<RuntimeTask {self.name!r}: {len(self._steps)} steps, host={self.host!r}>"
+
+    def run_command(self, command: str) -> RuntimeTask:
+        """Add a shell command step, run in the runtime's working directory.
+
+        Args:
+            command: The shell command.
+
+        Returns:
+            The task itself, for chaining.
+
+        Raises:
+            ValueError: If the command is empty or not a str.
+        """
+        if not isinstance(command, str) or not command.strip():
+            raise ValueError(f"command must be a non-empty str, got {command!r}")
+        self._steps.append(_Step("command", (command,)))
+        return self
+
+    def run_function(self, function: Callable[..., Any], **func_kwargs: Any) -> RuntimeTask:
+        """Add a step that calls a Python function on the runtime (pickled with cloudpickle).
+
+        Its return value is appended to :attr:`function_returns`.
+
+        Args:
+            function: The function to call.
+            **func_kwargs: Keyword arguments for it.
+
+        Returns:
+            The task itself, for chaining.
+
+        Raises:
+            TypeError: If ``function`` is not callable.
+        """
+        if not callable(function):
+            raise TypeError(f"function must be callable, got {function!r}")
+        self._steps.append(_Step("function", (function, func_kwargs)))
+        return self
+
+    def send_file(self, local_path: str, remote_path: str | None = None) -> RuntimeTask:
+        """Add a step that copies a local file or directory to the runtime.
+
+        Args:
+            local_path: The local path.
+            remote_path: Where to put it; relative paths and None mean the working directory.
+
+        Returns:
+            The task itself, for chaining.
+
+        Raises:
+            ValueError: If ``local_path`` does not exist.
+        """
+        if not os.path.exists(local_path):
+            raise ValueError(f"local_path {local_path!r} does not exist")
+        self._steps.append(_Step("send_file", (local_path, remote_path)))
+        return self
+
+    def get_file(self, remote_path: str, local_path: str | None = None) -> RuntimeTask:
+        """Add a step that copies a file or directory from the runtime to the manager.
+
+        Args:
+            remote_path: The remote path; relative to the working directory unless absolute.
+            local_path: Where to put it locally; defaults to the current directory.
+
+        Returns:
+            The task itself, for chaining.
+
+        Raises:
+            ValueError: If ``remote_path`` is empty.
+        """
+        if not isinstance(remote_path, str) or not remote_path:
+            raise ValueError(f"remote_path must be a non-empty str, got {remote_path!r}")
+        self._steps.append(_Step("get_file", (remote_path, local_path)))
+        return self
+
+    def copy(self) -> RuntimeTask:
+        """Return a fresh task with the same steps (used to run one task on many runtimes).
+
+        Returns:
+            The copy, not yet executed.
+        """
+        twin = RuntimeTask(self.name)
+        twin._steps = copy.copy(self._steps)
+        return twin
+
+    @property
+    def execution_log(self) -> list[str]:
+        """Lines of output and step headers recorded so far."""
+        return list(self._log)
+
+    @property
+    def function_returns(self) -> Iterator[Any]:
+        """The return values of the task's function steps, in order."""
+        yield from self._returns
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the task is executing right now."""
+        return self._future is not None and not self._future.done()
+
+    def print_log(self) -> None:
+        """Print the execution log to stdout."""
+        for line in self._log:
+            print(line)
+
+    def join(self) -> None:
+        """Wait for an asynchronous execution to finish.
+
+        Raises:
+            TaskExecutionError: If a step failed.
+        """
+        if self._future is not None:
+            self._future.result()
+
+    def _record(self, line: str, debug: bool) -> None:
+        self._log.append(line)
+        if debug:
+            print(f"[{self.host}] {line}", flush=True)
+
+
+class Runtime:
+    """A host reachable by SSH, used to run tasks, Dask processes and port forwards.
+
+    ``host`` resolves exactly as ``ssh host`` would: ``~/.ssh/config`` (HostName, User, Port,
+    IdentityFile, ...), ``~/.ssh/known_hosts``, keys and the agent. One SSH connection is opened
+    at construction, validated with a probe, and reused by everything.
+
+    Args:
+        host: The SSH host name or alias.
+        working_dir: Remote working directory; a private temp dir (removed at cleanup) if None.
+        connect_options: Extra keyword arguments for ``asyncssh.connect`` (they win over
+            ``~/.ssh/config``), e.g. ``{"username": "me", "port": 2222}``. ``connect_timeout``
+            (seconds, default 10) bounds the whole validation.
+        python: The remote python; default: the manager's ``sys.executable`` if it exists on
+            the host, else ``python3``, else ``python``.
+
+    Raises:
+        InvalidRuntimeError: If the host cannot be connected to, authenticated against, its host
+            key cannot be verified, no python is found or the working dir cannot be created.
+        TypeError: If an argument has the wrong type.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        working_dir: str | None = None,
+        connect_options: dict[str, Any] | None = None,
+        python: str | None = None,
+    ) -> None:
+        self._setup(host, working_dir, connect_options, python)
+        run_sync(self._connect())
+
+    @classmethod
+    async def _create(
+        cls,
+        host: str,
+        working_dir: str | None = None,
+        connect_options: dict[str, Any] | None = None,
+        python: str | None = None,
+    ) -> Runtime:
+        """Build and connect a runtime on the SSH loop (used to validate many in parallel)."""
+        runtime = cls.__new__(cls)
+        runtime._setup(host, working_dir, connect_options, python)
+        await runtime._connect()
+        return runtime
+
+    def _setup(
+        self,
+        host: str,
+        working_dir: str | None,
+        connect_options: dict[str, Any] | None,
+        python: str | None,
+    ) -> None:
+        if not isinstance(host, str) or not host.strip():
+            raise TypeError(f"host must be a non-empty str, got {host!r}")
+        if working_dir is not None and not isinstance(working_dir, str):
+            raise TypeError(f"working_dir must be a str or None, got {working_dir!r}")
+        if connect_options is not None and not isinstance(connect_options, dict):
+            raise TypeError(f"connect_options must be a dict or None, got {connect_options!r}")
+        if python is not None and (not isinstance(python, str) or not python.strip()):
+            raise TypeError(f"python must be a non-empty str or None, got {python!r}")
+        self._host = host
+        self._requested_wd = working_dir
+        self._connect_options = dict(connect_options or {})
+        self._requested_python = python
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._info: dict[str, Any] = {}
+        self._env: dict[str, str] = {}
+        self._wd: str | None = working_dir
+        self._wd_is_temp = working_dir is None
+        self._wd_ready = False
+        self._forwards: dict[int, asyncssh.SSHListener] = {}
+        self._servers: set[RemoteProcess] = set()
+        self._tasks: list[RuntimeTask] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected"
+        return f"<Runtime {self._host!r} ({state})>"
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        options = dict(self._connect_options)
+        timeout = float(options.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
+        options.setdefault("encryption_algs", _cipher_preference())
+        options.setdefault("keepalive_interval", 10)
+        options.setdefault("keepalive_count_max", 3)
+        try:
+            self._conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
+        except Exception as exc:
+            raise InvalidRuntimeError(self._host, _describe_connect_error(exc, timeout)) from exc
+        try:
+            await asyncio.wait_for(self._probe(), timeout)
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, InvalidRuntimeError):
+                raise
+            if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+                raise InvalidRuntimeError(self._host, f"probe timed out after {timeout:g} s") from exc
+            if isinstance(exc, asyncssh.Error | OSError):
+                raise InvalidRuntimeError(self._host, f"probe failed: {exc}") from exc
+            raise
+        _live_runtimes.add(self)
+
+    def _python_command(self, python: str | None = None) -> str:
+        """Shell command that execs the remote python (``python`` or the probed one)."""
+        boot = shlex.quote(_remote.BOOTSTRAP)
+        chosen = python or self._info.get("python")
+        if chosen:
+            return f"exec {shlex.quote(chosen)} -c {boot}"
+        candidates = [self._requested_python] if self._requested_python else [
+            sys.executable, "python3", "python"]
+        quoted = " ".join(shlex.quote(c) for c in candidates)
+        return (
+            f'for p in {quoted}; do if command -v "$p" >/dev/null 2>&1; then exec "$p" -c {boot}; '
+            f'fi; done; echo "no python found (tried: {" ".join(candidates)})" >&2; exit 127'
+        )
+
+    def _request(self, action: str, env: dict[str, str] | None = None, **fields: Any) -> bytes:
+        """The bytes to write to a bootstrapped python: this module's source, then the request."""
+        header = {"action": action, "env": {**self._env, **(env or {})}, **fields}
+        return (
+            str(len(_REMOTE_SOURCE)).encode() + b"\n" + _REMOTE_SOURCE
+            + json.dumps(header).encode() + b"\n"
+        )
+
+    async def _probe(self) -> None:
+        assert self._conn is not None
+        result = await self._conn.run(
+            self._python_command(), input=self._request("probe"), encoding=None, check=False
+        )
+        stdout = result.stdout if isinstance(result.stdout, bytes) else b""
+        stderr = result.stderr if isinstance(result.stderr, bytes) else b""
+        if result.exit_status != 0:
+            what = self._requested_python or "python"
+            raise InvalidRuntimeError(
+                self._host,
+                f"cannot run {what!r} (exit {result.exit_status}): "
+                f"{stderr.decode(errors='replace').strip()[-500:]}",
+            )
+        self._info = json.loads(stdout.decode().strip().splitlines()[-1])
+        if self._wd is None:
+            self._wd = f"{self._info['tmp']}/lazycluster-{uuid.uuid4().hex[:12]}"
+        else:
+            await self._ensure_working_dir()
+
+    @property
+    def _connection(self) -> asyncssh.SSHClientConnection:
+        if self._conn is None or self._closed:
+            raise LazyclusterError(f"runtime {self._host!r} is closed")
+        return self._conn
+
+    async def _ensure_working_dir(self) -> str:
+        assert self._wd is not None
+        if not self._wd_ready:
+            quoted = shlex.quote(self._wd)
+            result = await self._connection.run(f"mkdir -p -m 700 {quoted}", check=False)
+            if result.exit_status != 0:
+                raise InvalidRuntimeError(
+                    self._host,
+                    f"working dir {self._wd!r} cannot be created: {str(result.stderr).strip()}",
+                )
+            self._wd_ready = True
+        return self._wd
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """The host name or alias the runtime was created with."""
+        return self._host
+
+    @property
+    def python(self) -> str:
+        """Path of the remote python interpreter used for functions and Dask processes."""
+        return str(self._info.get("python") or self._requested_python or "python")
+
+    @property
+    def working_dir(self) -> str:
+        """The remote working directory (created on first use, mode 0700)."""
+        return run_sync(on_loop(self._ensure_working_dir()))
+
+    @property
+    def env_variables(self) -> dict[str, str]:
+        """Environment variables set for every command, function and process on this host."""
+        return dict(self._env)
+
+    @env_variables.setter
+    def env_variables(self, env_variables: dict[str, str]) -> None:
+        self._env = self._check_env(env_variables)
+
+    def add_env_variables(self, env_variables: dict[str, str]) -> None:
+        """Add or update environment variables for later work on this runtime.
+
+        Args:
+            env_variables: Names and values.
+
+        Raises:
+            TypeError: If names or values are not str.
+        """
+        self._env.update(self._check_env(env_variables))
+
+    @staticmethod
+    def _check_env(env_variables: object) -> dict[str, str]:
+        if not isinstance(env_variables, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_variables.items()
+        ):
+            raise TypeError(f"env_variables must be a dict of str to str, got {env_variables!r}")
+        return dict(env_variables)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Host facts, read once at connection.
+
+        Keys: os, hostname, cpu_cores, memory (bytes), python_version, python, gpus,
+        distributed_version.
+        """
+        return {k: v for k, v in self._info.items() if k != "tmp"}
+
+    @property
+    def os(self) -> str:
+        """The host's operating system description."""
+        return str(self._info["os"])
+
+    @property
+    def cpu_cores(self) -> int:
+        """Number of usable CPU cores on the host."""
+        return int(self._info["cpu_cores"])
+
+    @property
+    def memory(self) -> int:
+        """Total memory of the host in bytes."""
+        return int(self._info["memory"])
+
+    @property
+    def gpus(self) -> list[str]:
+        """GPUs found by ``nvidia-smi -L`` (empty when none)."""
+        return list(self._info["gpus"])
+
+    @property
+    def alive_task_count(self) -> int:
+        """Number of tasks currently running on this runtime (used to pick the least busy)."""
+        return sum(1 for task in self._tasks if task.is_running)
+
+    @property
+    def local_address(self) -> str:
+        """The manager's address on this SSH connection: one the host can route back to."""
+        return str(self._connection.get_extra_info("sockname")[0])
+
+    @property
+    def remote_address(self) -> str:
+        """The host's address as the manager reaches it."""
+        return str(self._connection.get_extra_info("peername")[0])
+
+    # -- ports ----------------------------------------------------------------------------------
+
+    async def _listening_ports(self) -> set[int]:
+        result = await self._connection.run(
+            "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=False
+        )
+        return parse_listening_ports(str(result.stdout))
+
+    def has_free_port(self, port: int) -> bool:
+        """Check whether a TCP port is free on the host.
+
+        Args:
+            port: The port.
+
+        Returns:
+            True if nothing listens on it.
+
+        Raises:
+            TypeError: If ``port`` is not an int.
+            ValueError: If it is out of range.
+        """
+        validate_port(port, "port")
+        return port not in run_sync(on_loop(self._listening_ports()))
+
+    def get_free_port(self, ports: list[int]) -> int:
+        """Return the first port of the list that is free on the host.
+
+        Args:
+            ports: Candidate ports, in order of preference.
+
+        Returns:
+            The first free port.
+
+        Raises:
+            NoPortsLeftError: If none is free.
+        """
+        candidates = validate_ports(ports, "ports")
+        busy = run_sync(on_loop(self._listening_ports()))
+        for port in candidates:
+            if port not in busy:
+                return port
+        raise NoPortsLeftError(f"none of {len(candidates)} ports is free on {self._host!r}")
+
+    async def _expose_to_runtime(self, local_port: int, runtime_port: int) -> int:
+        try:
+            listener = await self._connection.forward_remote_port(
+                "127.0.0.1", runtime_port, "127.0.0.1", local_port
+            )
+        except asyncssh.ChannelListenError as exc:
+            raise PortInUseError(runtime_port, self._host) from exc
+        port = listener.get_port()
+        self._forwards[port] = listener
+        return port
+
+    async def _expose_from_runtime(self, runtime_port: int, local_port: int) -> int:
+        try:
+            listener = await self._connection.forward_local_port(
+                "127.0.0.1", local_port, "127.0.0.1", runtime_port
+            )
+        except OSError as exc:
+            raise PortInUseError(local_port, "localhost") from exc
+        port = listener.get_port()
+        self._forwards[port] = listener
+        return port
+
+    def expose_port_to_runtime(self, local_port: int, runtime_port: int | None = None) -> int:
+        """Make a manager port reachable on the host (SSH remote forward, loopback both ends).
+
+        Args:
+            local_port: The port on the manager.
+            runtime_port: The port on the host; defaults to ``local_port``.
+
+        Returns:
+            The port on the host.
+
+        Raises:
+            PortInUseError: If ``runtime_port`` is busy on the host.
+        """
+        validate_port(local_port, "local_port")
+        target = local_port if runtime_port is None else validate_port(runtime_port, "runtime_port")
+        return run_sync(on_loop(self._expose_to_runtime(local_port, target)))
+
+    def expose_port_from_runtime(self, runtime_port: int, local_port: int | None = None) -> int:
+        """Make a host port reachable on the manager (SSH local forward, loopback both ends).
+
+        Args:
+            runtime_port: The port on the host.
+            local_port: The port on the manager; defaults to ``runtime_port``.
+
+        Returns:
+            The port on the manager.
+
+        Raises:
+            PortInUseError: If ``local_port`` is busy on the manager.
+        """
+        validate_port(runtime_port, "runtime_port")
+        target = runtime_port if local_port is None else validate_port(local_port, "local_port")
+        return run_sync(on_loop(self._expose_from_runtime(runtime_port, target)))
+
+    async def _close_forward(self, port: int) -> None:
+        listener = self._forwards.pop(port, None)
+        if listener is not None:
+            listener.close()
+            await listener.wait_closed()
+
+    def close_port_forward(self, port: int) -> None:
+        """Close the forward this runtime holds for ``port`` (either direction); no-op if none.
+
+        Args:
+            port: The listening port of the forward (on the host or on the manager).
+        """
+        run_sync(on_loop(self._close_forward(port)))
+
+    @property
+    def forwarded_ports(self) -> list[int]:
+        """Listening ports of the forwards currently open through this runtime."""
+        return sorted(self._forwards)
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    async def _run_command(self, task: RuntimeTask, command: str, debug: bool) -> None:
+        wd = await self._ensure_working_dir()
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self._env.items())
+        # The script goes over stdin so env values never show in `ps`; the group redirect
+        # keeps the command from eating the rest of the script.
+        script = f"{{\ncd {shlex.quote(wd)} || exit 1\n{exports}{command}\n}} </dev/null\n"
+        process = await self._connection.create_process("sh -s")
+        process.stdin.write(script)
+        process.stdin.write_eof()
+
+        async def pump(stream: asyncssh.SSHReader[str], label: str) -> None:
+            async for line in stream:
+                if not line:  # asyncssh yields an empty read at EOF
+                    continue
+                task._record(f"{label}{line.rstrip()}", debug)
+
+        await asyncio.gather(pump(process.stdout, ""), pump(process.stderr, "stderr: "))
+        result = await process.wait()
+        if result.exit_status != 0:
+            raise TaskExecutionError(
+                task.name, f"(command {command!r})", self._host,
+                f"exit status {result.exit_status}\n{_tail(task._log)}",
+            )
+
+    async def _run_function(
+        self, task: RuntimeTask, function: Callable[..., Any], kwargs: dict[str, Any], debug: bool
+    ) -> None:
+        wd = await self._ensure_working_dir()
+        payload = cloudpickle.dumps((function, kwargs))
+        process = await self._connection.create_process(self._python_command(), encoding=None)
+        process.stdin.write(self._request("function", size=len(payload), cwd=wd) + payload)
+        process.stdin.write_eof()
+
+        async def pump_log() -> None:
+            async for raw in process.stderr:
+                if not raw:
+                    continue
+                task._record(raw.decode(errors="replace").rstrip(), debug)
+
+        output, _ = await asyncio.gather(process.stdout.read(), pump_log())
+        await process.wait()
+        head, sep, rest = output.partition(_remote.RESULT_HEADER)
+        if not sep:
+            raise TaskExecutionError(
+                task.name, f"(function {function.__name__})", self._host,
+                f"the remote python gave no result\n{_tail(task._log)}",
+            )
+        size_text, _, data = rest.partition(b"\n")
+        status, value = cloudpickle.loads(data[: int(size_text)])
+        if status != "ok":
+            raise TaskExecutionError(
+                task.name, f"(function {function.__name__})", self._host, str(value)
+            )
+        task._returns.append(value)
+
+    def _remote_path(self, path: str | None, default_name: str) -> str:
+        assert self._wd is not None
+        if path is None:
+            return f"{self._wd}/{default_name}"
+        return path if path.startswith("/") else f"{self._wd}/{path}"
+
+    async def _send_file(self, local_path: str, remote_path: str | None = None) -> str:
+        await self._ensure_working_dir()
+        target = self._remote_path(remote_path, os.path.basename(local_path.rstrip("/")))
+        async with self._connection.start_sftp_client() as sftp:
+            await sftp.put(local_path, target, recurse=True, preserve=True)
+        return target
+
+    async def _get_file(self, remote_path: str, local_path: str | None = None) -> str:
+        await self._ensure_working_dir()
+        source = self._remote_path(remote_path, "")
+        target = local_path or os.path.join(os.getcwd(), os.path.basename(source.rstrip("/")))
+        async with self._connection.start_sftp_client() as sftp:
+            await sftp.get(source, target, recurse=True, preserve=True)
+        return target
+
+    async def _execute(self, task: RuntimeTask, debug: bool) -> None:
+        for index, step in enumerate(task._steps):
+            label = step.describe(index)
+            task._record(f"--- step {label}", debug)
+            try:
+                if step.kind == "command":
+                    await self._run_command(task, step.args[0], debug)
+                elif step.kind == "function":
+                    await self._run_function(task, step.args[0], step.args[1], debug)
+                elif step.kind == "send_file":
+                    await self._send_file(*step.args)
+                else:
+                    await self._get_file(*step.args)
+            except TaskExecutionError:
+                raise
+            except (OSError, asyncssh.Error, LazyclusterError) as exc:
+                raise TaskExecutionError(task.name, label, self._host, str(exc)) from exc
+            if not debug:
+                logger.debug("%s on %s step %s:\n%s", task.name, self._host, label, _tail(task._log))
+
+    def execute_task(
+        self, task: RuntimeTask, execute_async: bool = True, debug: bool = False
+    ) -> RuntimeTask:
+        """Run a task's steps on this runtime.
+
+        Args:
+            task: The task; a task already executed elsewhere is copied.
+            execute_async: Return at once and let the task run in the background (wait with
+                ``task.join()``); if False, block until it is done.
+            debug: Print the remote output live instead of only logging it.
+
+        Returns:
+            The task being executed.
+
+        Raises:
+            TypeError: If ``task`` is not a RuntimeTask.
+            TaskExecutionError: If a step fails (when ``execute_async`` is False; otherwise
+                raised by ``task.join()``).
+        """
+        if not isinstance(task, RuntimeTask):
+            raise TypeError(f"task must be a RuntimeTask, got {task!r}")
+        if task._future is not None:
+            task = task.copy()
+        task.host = self._host
+        self._tasks.append(task)
+        task._future = asyncio.run_coroutine_threadsafe(self._execute(task, debug), get_loop())
+        if not execute_async:
+            task.join()
+        return task
+
+    def send_file(self, local_path: str, remote_path: str | None = None) -> str:
+        """Copy a local file or directory to the host.
+
+        Args:
+            local_path: The local path.
+            remote_path: Target path; relative to the working directory, default its basename.
+
+        Returns:
+            The remote path written.
+
+        Raises:
+            ValueError: If ``local_path`` does not exist.
+            LazyclusterError: If the transfer fails.
+        """
+        if not os.path.exists(local_path):
+            raise ValueError(f"local_path {local_path!r} does not exist")
+        try:
+            return run_sync(on_loop(self._send_file(local_path, remote_path)))
+        except (OSError, asyncssh.Error) as exc:
+            raise LazyclusterError(f"send_file to {self._host!r} failed: {exc}") from exc
+
+    def get_file(self, remote_path: str, local_path: str | None = None) -> str:
+        """Copy a file or directory from the host to the manager.
+
+        Args:
+            remote_path: Remote path, relative to the working directory unless absolute.
+            local_path: Local target; default: its basename in the current directory.
+
+        Returns:
+            The local path written.
+
+        Raises:
+            LazyclusterError: If the transfer fails (e.g. the remote file does not exist).
+        """
+        try:
+            return run_sync(on_loop(self._get_file(remote_path, local_path)))
+        except (OSError, asyncssh.Error) as exc:
+            raise LazyclusterError(f"get_file from {self._host!r} failed: {exc}") from exc
+
+    def print_log(self) -> None:
+        """Print the execution log of every task run on this runtime."""
+        for task in self._tasks:
+            print(f"=== {self._host}: {task.name}")
+            task.print_log()
+        for server in list(self._servers):
+            print(f"=== {self._host}: {server.name}")
+            print("\n".join(server.log))
+
+    # -- Dask servers -----------------------------------------------------------------------------
+
+    async def start_server(
+        self,
+        name: str,
+        cls: str,
+        scheduler: str,
+        options: dict[str, Any],
+        env: dict[str, str] | None = None,
+        debug: bool = False,
+        python: str | None = None,
+    ) -> RemoteProcess:
+        """Start a Dask server (Nanny/Worker) on the host and return its handle (coroutine).
+
+        Must run on the SSH loop (the cluster layer awaits it through ``on_loop``).
+
+        Args:
+            name: Label for logs.
+            cls: Import path of the server class, e.g. ``"distributed.Nanny"``.
+            scheduler: Scheduler address as seen from the host.
+            options: Keyword arguments for the class (JSON-serialisable).
+            env: Extra environment variables for this process.
+            debug: Print its output live.
+            python: Interpreter to use instead of the runtime's.
+
+        Returns:
+            The supervised process; await ``wait_started`` for readiness.
+        """
+        wd = await self._ensure_working_dir()
+        process = await self._connection.create_process(
+            self._python_command(python), encoding=None
+        )
+        server = RemoteProcess(self, process, name, debug, python or self.python)
+        self._servers.add(server)
+        process.stdin.write(
+            self._request("serve", env, cwd=wd, cls=cls, scheduler=scheduler, options=options)
+        )
+        return server
+
+    # -- cleanup --------------------------------------------------------------------------------
+
+    async def _cleanup(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _live_runtimes.discard(self)
+        await asyncio.gather(*(s.kill() for s in list(self._servers)), return_exceptions=True)
+        for port in list(self._forwards):
+            listener = self._forwards.pop(port)
+            listener.close()
+        if self._conn is None:
+            return
+        if self._wd_is_temp and self._wd_ready and self._wd:
+            try:
+                await asyncio.wait_for(self._conn.run(f"rm -rf {shlex.quote(self._wd)}"), 10)
+            except (OSError, asyncssh.Error, asyncio.TimeoutError):
+                logger.warning("could not remove %s on %s", self._wd, self._host)
+        self._conn.close()
+        try:
+            await asyncio.wait_for(self._conn.wait_closed(), 5)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+    def cleanup(self) -> None:
+        """Stop every process and forward of this runtime, remove its temp dir, disconnect.
+
+        Calling it twice is harmless.
+        """
+        run_sync(on_loop(self._cleanup()))
+
+
+@atexit.register
+def _cleanup_all_runtimes() -> None:
+    """Leave nothing running on any host when the interpreter exits."""
+    runtimes = list(_live_runtimes)
+    if not runtimes:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(r._cleanup() for r in runtimes), return_exceptions=True)
+
+    try:
+        run_sync(close_all(), timeout=20)
+    except Exception:  # pragma: no cover - best effort at exit
+        pass

@@ -1,0 +1,86 @@
+"""Small helpers shared by the runtime and cluster layers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+_LISTEN = "0A"  # TCP state code of a listening socket in /proc/net/tcp
+
+
+def localhost_has_free_port(port: int) -> bool:
+    """Check whether a TCP port is free on the manager (the machine running Python).
+
+    Args:
+        port: The port to check.
+
+    Returns:
+        True if nothing listens on the port on any local IPv4 address.
+    """
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def parse_listening_ports(proc_net_tcp: str) -> set[int]:
+    """Return the listening TCP ports found in the text of ``/proc/net/tcp`` (and ``tcp6``).
+
+    Args:
+        proc_net_tcp: The concatenated contents of the files.
+
+    Returns:
+        The set of ports in LISTEN state.
+    """
+    ports: set[int] = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == _LISTEN and ":" in fields[1]:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def validate_port(port: object, argument: str) -> int:
+    """Check that a value is a usable TCP port number.
+
+    Args:
+        port: The value to check.
+        argument: The argument name to report.
+
+    Returns:
+        The port.
+
+    Raises:
+        TypeError: If it is not an int.
+        ValueError: If it is out of range.
+    """
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"{argument} must be an int port number, got {port!r}")
+    if not 0 < port < 65536:
+        raise ValueError(f"{argument} must be in 1..65535, got {port}")
+    return port
+
+
+def validate_ports(ports: object, argument: str) -> list[int]:
+    """Check a port or list of ports and return it as a list.
+
+    Args:
+        ports: An int or an iterable of ints.
+        argument: The argument name to report.
+
+    Returns:
+        The ports as a list, order kept.
+
+    Raises:
+        TypeError: If it is neither an int nor an iterable of ints.
+        ValueError: If a port is out of range.
+    """
+    if isinstance(ports, int) and not isinstance(ports, bool):
+        return [validate_port(ports, argument)]
+    if isinstance(ports, (str, bytes)) or not isinstance(ports, Iterable):
+        raise TypeError(f"{argument} must be a port or a list of ports, got {ports!r}")
+    return [validate_port(p, argument) for p in ports]
