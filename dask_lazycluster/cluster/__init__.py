@@ -1,0 +1,1 @@
+"""Cluster layer: generic master/worker strategies and the Dask cluster."""

@@ -1,0 +1,797 @@
+"""Dask on a runtime group: :class:`DaskCluster`, a real ``SpecCluster`` (lazycluster's API).
+
+The scheduler runs in-process on the manager; each worker is a :class:`RemoteWorker` process
+interface that starts a Dask server on its runtime over that runtime's one SSH connection.
+Placement is a :class:`RoundRobinLauncher` strategy, so ``scale``/``adapt`` put workers the
+lazycluster way; in tunnel mode every port is reachable as ``localhost:<port>`` everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import weakref
+from collections import Counter
+from contextlib import suppress
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes, parse_timedelta
+from distributed import Client, Scheduler
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.utils import NoOpAwaitable
+
+import dask_lazycluster.config  # noqa: F401  (registers the lazycluster.* defaults)
+from dask_lazycluster._loop import on_loop, run_sync
+from dask_lazycluster.cluster.exceptions import MasterStartError
+from dask_lazycluster.cluster.runtime_cluster import (
+    MasterLauncher,
+    MasterWorkerCluster,
+    WorkerLauncher,
+)
+from dask_lazycluster.config import config_value
+from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
+from dask_lazycluster.runtime_mgmt import RuntimeGroup
+from dask_lazycluster.runtimes import RemoteProcess, Runtime
+from dask_lazycluster.utils import localhost_has_free_port
+
+logger = logging.getLogger(__name__)
+
+_TUNNEL_MODES = (True, False, "auto")
+
+
+class LocalMasterLauncher(MasterLauncher):
+    """Runs the Dask scheduler on the manager (the machine running Python), in-process.
+
+    :meth:`start` chooses the scheduler port by the group's port rules; the cluster then
+    starts the scheduler on it and, in tunnel mode, exposes it to every runtime.
+
+    Args:
+        runtime_group: The group where the workers will run.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        super().__init__(runtime_group)
+        self._cluster: weakref.ref[DaskCluster] | None = None
+
+    @property
+    def process(self) -> Scheduler | None:
+        """The in-process ``distributed.Scheduler``; None until the cluster started it."""
+        cluster = self._cluster() if self._cluster else None
+        return cluster.scheduler if cluster is not None else None
+
+    def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
+        """Choose the scheduler port: free on the manager and on every runtime.
+
+        Args:
+            ports: A single port (exactly it) or a list (the first free one).
+            timeout: Seconds the cluster waits for the scheduler before ``MasterStartError``.
+            debug: Unused for a local scheduler (kept for the launcher interface).
+
+        Returns:
+            The list without the chosen port (empty when a single port was given).
+
+        Raises:
+            PortInUseError: If a single port is given and it is busy.
+            NoPortsLeftError: If no port of the list is free.
+        """
+        group = self.runtime_group
+        self._port = run_sync(on_loop(group._pick_port(ports, group.runtimes, True, "master_port")))
+        self._timeout = timeout
+        return [] if isinstance(ports, int) else [p for p in ports if p != self._port]
+
+    def scheduler_spec(self, listen_host: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The ``SpecCluster`` scheduler spec for the chosen port.
+
+        Args:
+            listen_host: Address to bind (loopback in tunnel mode).
+            options: Extra ``distributed.Scheduler`` keyword arguments (they win).
+
+        Returns:
+            ``{"cls": Scheduler, "options": {...}}``.
+
+        Raises:
+            MasterStartError: If :meth:`start` did not choose a port yet.
+        """
+        if self._port is None:
+            raise MasterStartError("localhost", None, "start() must choose a port first")
+        dashboard = "127.0.0.1:8787" if listen_host == "127.0.0.1" else ":8787"
+        base = {"host": listen_host, "port": self._port, "dashboard_address": dashboard,
+                "protocol": "tcp"}
+        return {"cls": Scheduler, "options": {**base, **options}}
+
+    def cleanup(self) -> None:
+        """Close the scheduler's forwards to the runtimes (the cluster closes the scheduler)."""
+        if self._port is not None:
+            self.runtime_group.close_port_forward(self._port)
+
+
+class RoundRobinLauncher(WorkerLauncher):
+    """Places each new worker on the runtime with the fewest workers (ties: group order).
+
+    After a scale-down the next scale-up refills the emptiest runtimes first, so the
+    distribution stays even. Subclass and override :meth:`select_host` for another strategy.
+
+    Args:
+        runtime_group: The group where the workers will run.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        super().__init__(runtime_group)
+        self._cluster: weakref.ref[DaskCluster] | None = None
+
+    def _owner(self) -> DaskCluster:
+        cluster = self._cluster() if self._cluster else None
+        if cluster is None:
+            raise LazyclusterError("this launcher is not attached to a running DaskCluster")
+        return cluster
+
+    def select_host(self, counts: dict[str, int], max_per_host: int | None) -> str:
+        """Choose the host of the next worker.
+
+        Args:
+            counts: Workers per host, planned ones included.
+            max_per_host: Most workers allowed on one host, or None.
+
+        Returns:
+            The host name.
+
+        Raises:
+            NoPortsLeftError: If every host is full.
+        """
+        hosts = self.runtime_group.hosts
+        open_hosts = [h for h in hosts if max_per_host is None or counts.get(h, 0) < max_per_host]
+        if not open_hosts:
+            raise NoPortsLeftError(f"every host already runs max-workers-per-host={max_per_host}")
+        return min(open_hosts, key=lambda h: counts.get(h, 0))  # min keeps group order on ties
+
+    @property
+    def ports_per_host(self) -> dict[str, list[int]]:
+        """Host to the ports where its workers are reachable (planned workers included)."""
+        cluster = self._cluster() if self._cluster else None
+        if cluster is None:
+            return super().ports_per_host
+        return cluster._ports_per_host()
+
+    def start(
+        self, worker_count: int, master_port: int, ports: list[int], debug: bool = False
+    ) -> list[int]:
+        """Add ``worker_count`` workers to the cluster and wait until they run.
+
+        Args:
+            worker_count: Workers to add.
+            master_port: The scheduler port (the cluster knows it; kept for the interface).
+            ports: Unused: the cluster's own port list is used, so ``scale`` and this agree.
+            debug: Print remote output live.
+
+        Returns:
+            The ports of the cluster's list still unused.
+
+        Raises:
+            NoPortsLeftError: If there are not enough free ports.
+        """
+        cluster = self._owner()
+        cluster._debug = cluster._debug or debug
+        cluster.scale(len(cluster.worker_spec) + worker_count)
+        cluster.sync(cluster._correct_state)
+        return cluster._unused_ports()
+
+    def setup_worker_ssh_tunnels(self) -> None:
+        """Make sure every tunneled worker is reachable as ``localhost:<port>`` everywhere.
+
+        Workers set their tunnels up themselves when they start; this re-creates any missing.
+
+        Raises:
+            PortInUseError: If a worker's port became busy on the manager or a runtime.
+        """
+        cluster = self._owner()
+        workers = [w for w in cluster.workers.values() if isinstance(w, RemoteWorker)]
+        run_sync(on_loop(_gather(*(w._ensure_tunnels() for w in workers))))
+
+    def cleanup(self) -> None:
+        """Stop every worker of the cluster."""
+        cluster = self._cluster() if self._cluster else None
+        if cluster is not None and cluster.status == Status.running:
+            cluster.scale(0)
+            cluster.sync(cluster._correct_state)
+
+
+async def _gather(*coros: Any) -> list[Any]:
+    return list(await asyncio.gather(*coros))
+
+
+class RemoteWorker(ProcessInterface):
+    """A Dask worker (or nanny) on one runtime, started and stopped over its SSH connection.
+
+    In tunnel mode its ports are exposed to the manager and to every runtime *before* it starts,
+    so it is reachable the moment it registers. ``close()`` retires it through the scheduler
+    (its data moves to other workers), then stops the remote process group and its forwards.
+
+    Args:
+        scheduler: The scheduler address as the manager sees it.
+        name: The worker name (its spec key).
+        host: The runtime host.
+        ports: Tunnel mode: ``[worker_port]`` or ``[worker_port, nanny_port]``; empty: direct.
+        cluster: Weak reference to the owning cluster.
+        worker_class: Import path of the server class.
+        worker_options: Its keyword arguments.
+        python: Remote interpreter override, or None for the runtime's.
+        env: Extra environment variables.
+        debug: Print remote output live.
+        start_timeout: Seconds from launch to registered.
+    """
+
+    def __init__(
+        self,
+        scheduler: str,
+        *,
+        name: str,
+        host: str,
+        ports: list[int],
+        cluster: weakref.ref[DaskCluster],
+        worker_class: str,
+        worker_options: dict[str, Any],
+        python: str | None,
+        env: dict[str, str],
+        debug: bool,
+        start_timeout: float,
+    ) -> None:
+        super().__init__(scheduler, name)
+        self.name = name
+        self.host = host
+        self.ports = list(ports)
+        self.scheduler = scheduler
+        self.worker_address: str | None = None
+        self.process: RemoteProcess | None = None
+        self._owner = cluster
+        self._worker_class = worker_class
+        self._options = worker_options
+        self._python = python
+        self._env = env
+        self._debug = debug
+        self._start_timeout = start_timeout
+        self._tunnels: list[tuple[str, int]] = []
+
+    def __repr__(self) -> str:
+        return f"<RemoteWorker {self.name!r} on {self.host}: {self.status.name}>"
+
+    @property
+    def _nanny(self) -> bool:
+        return self._worker_class.rsplit(".", 1)[-1] == "Nanny"
+
+    def _group(self) -> RuntimeGroup:
+        cluster = self._owner()
+        if cluster is None:
+            raise LazyclusterError(f"worker {self.name}: its cluster is gone")
+        return cluster.runtime_group
+
+    async def start(self) -> None:
+        """Launch the worker and wait until it is registered with the scheduler.
+
+        Raises:
+            LazyclusterError: If it fails to start (host, python and output tail named).
+        """
+        await on_loop(self._launch())
+        await super().start()
+
+    async def _ensure_tunnels(self) -> None:
+        if not self.ports:
+            return
+        group = self._group()
+        runtime = group.get_runtime(self.host)
+        worker_port = self.ports[0]
+        if ("group", worker_port) not in self._tunnels:
+            await group._expose_port_from_runtime_to_group(self.host, worker_port, worker_port)
+            self._tunnels.append(("group", worker_port))
+        if self._nanny and len(self.ports) > 1 and ("local", self.ports[1]) not in self._tunnels:
+            # Only the scheduler talks to a nanny: the manager needs it, the runtimes do not.
+            await runtime._expose_from_runtime(self.ports[1], self.ports[1])
+            self._tunnels.append(("local", self.ports[1]))
+
+    async def _launch(self) -> None:
+        group = self._group()
+        runtime = group.get_runtime(self.host)
+        scheduler_port = int(self.scheduler.rsplit(":", 1)[1])
+        options = dict(self._options)
+        options.setdefault("name", self.name)
+        try:
+            if self.ports:
+                await self._ensure_tunnels()
+                scheduler = f"tcp://127.0.0.1:{scheduler_port}"
+                options["host"] = "127.0.0.1"
+                if self._nanny:
+                    options["worker_port"] = self.ports[0]
+                    options["port"] = self.ports[1]
+                else:
+                    options["port"] = self.ports[0]
+            else:
+                scheduler = f"tcp://{runtime.local_address}:{scheduler_port}"
+                options["host"] = runtime.remote_address
+            options.setdefault("local_directory", await runtime._ensure_working_dir())
+            self.process = await runtime.start_server(
+                self.name, self._worker_class, scheduler, options, self._env, self._debug,
+                self._python,
+            )
+            started = await self.process.wait_started(self._start_timeout)
+        except asyncio.TimeoutError as exc:
+            await self._teardown()
+            raise LazyclusterError(
+                f"worker {self.name} on host {self.host!r} did not start within "
+                f"{self._start_timeout:g} s:\n" + "\n".join(self.process.log[-20:] if self.process else [])
+            ) from exc
+        except BaseException:
+            await self._teardown()
+            raise
+        self.address = started["address"]
+        self.worker_address = started["worker_address"]
+
+    async def _teardown(self, graceful: bool = False) -> None:
+        if self.process is not None:
+            await (self.process.stop(5) if graceful else self.process.kill())
+        group = self._group()
+        runtime = group.get_runtime(self.host)
+        for kind, port in self._tunnels:
+            if kind == "group":
+                await group._close_port(port)
+            else:
+                await runtime._close_forward(port)
+        self._tunnels.clear()
+
+    async def close(self) -> None:
+        """Retire the worker through the scheduler (unless the cluster is closing), then stop it.
+
+        Calling it again is harmless.
+        """
+        if self.status == Status.closed:
+            return
+        cluster = self._owner()
+        graceful = cluster is not None and cluster.status == Status.running
+        comm = cluster.scheduler_comm if cluster is not None else None
+        if graceful and self.status == Status.running and comm is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(
+                    comm.retire_workers(
+                        names=[self.name], close_workers=True, remove=True
+                    ),
+                    30,
+                )
+        with suppress(LazyclusterError):
+            await on_loop(self._teardown(graceful))
+        if cluster is not None:
+            cluster._release_ports(self.name)
+        await super().close()
+
+
+class DaskCluster(MasterWorkerCluster, SpecCluster):
+    """A Dask cluster on a runtime group: lazycluster's ``DaskCluster`` as a ``SpecCluster``.
+
+    ``DaskCluster(group)`` starts the scheduler on the manager and one worker per runtime;
+    ``Client(cluster)``, ``scale``, ``adapt``, ``async with``, the widget and ``get_logs`` work
+    as with any Dask cluster. Every argument left as None falls back to the ``lazycluster.*``
+    Dask config (see ``lazycluster.yaml``).
+
+    Args:
+        runtime_group: The runtimes to use; None builds one from ``lazycluster.hosts``.
+        ports: Ports for the scheduler (when 8786 is busy) and the tunneled workers; defaults
+            to ``lazycluster.port-range``.
+        master_launcher: Scheduler strategy; default :class:`LocalMasterLauncher`.
+        worker_launcher: Placement strategy; default :class:`RoundRobinLauncher`.
+        n_workers: Workers to start now; default one per runtime.
+        master_port: Scheduler port; default 8786 if free, else the first free of ``ports``.
+        tunnel: True (all traffic over SSH), False (direct TCP) or ``"auto"``.
+        python: Remote python for the workers (default: each runtime's).
+        worker_class: ``"distributed.Nanny"`` or ``"distributed.Worker"`` (or another path).
+        worker_options: Keyword arguments for the worker class (JSON-serialisable).
+        scheduler_options: Keyword arguments for ``distributed.Scheduler``.
+        death_timeout: Seconds (or a Dask time string) a worker survives without scheduler.
+        max_workers_per_host: Most workers on one host.
+        env: Environment variables for the workers.
+        debug: Print remote output live.
+        asynchronous: Use with ``await`` / ``async with`` in a running loop.
+        **kwargs: Passed to ``SpecCluster`` (``name``, ``security``, ``silence_logs``...).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an argument has a wrong value (e.g. negative ``n_workers``).
+        InvalidRuntimeError: If a configured host cannot be used.
+        PortInUseError: If ``master_port`` is given and busy.
+        NoPortsLeftError: If the ports cannot serve the scheduler and ``n_workers`` workers.
+        MasterStartError: If the scheduler cannot start.
+        LazyclusterError: If a worker cannot start (host and cause named).
+    """
+
+    DEFAULT_MASTER_PORT = 8786
+
+    def __init__(
+        self,
+        runtime_group: RuntimeGroup | None = None,
+        ports: list[int] | None = None,
+        master_launcher: MasterLauncher | None = None,
+        worker_launcher: WorkerLauncher | None = None,
+        *,
+        n_workers: int | None = None,
+        master_port: int | None = None,
+        tunnel: bool | str | None = None,
+        python: str | None = None,
+        worker_class: str | None = None,
+        worker_options: dict[str, Any] | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+        death_timeout: float | str | None = None,
+        max_workers_per_host: int | None = None,
+        env: dict[str, str] | None = None,
+        debug: bool = False,
+        asynchronous: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._tunnel = config_value("tunnel", tunnel)
+        if self._tunnel not in _TUNNEL_MODES or isinstance(self._tunnel, int) and not isinstance(
+            self._tunnel, bool
+        ):
+            raise ValueError(f"tunnel must be True, False or 'auto', got {self._tunnel!r}")
+        n_workers = config_value("n-workers", n_workers)
+        if n_workers is not None and (
+            isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0
+        ):
+            raise ValueError(f"n_workers must be an int >= 0, got {n_workers!r}")
+        self._worker_class = str(config_value("worker-class", worker_class))
+        self._worker_options = dict(_check_dict(config_value("worker-options", worker_options),
+                                                "worker_options"))
+        sched_options = dict(_check_dict(config_value("scheduler-options", scheduler_options),
+                                         "scheduler_options"))
+        self._env = dict(_check_dict(config_value("env", env), "env"))
+        self._python = config_value("python", python)
+        self._death_timeout = parse_timedelta(config_value("death-timeout", death_timeout))
+        self._max_per_host = config_value("max-workers-per-host", max_workers_per_host)
+        if self._max_per_host is not None and (
+            not isinstance(self._max_per_host, int) or self._max_per_host < 1
+        ):
+            raise ValueError(f"max_workers_per_host must be an int >= 1, got {self._max_per_host!r}")
+        self._start_timeout = float(dask.config.get("lazycluster.worker-start-timeout"))
+        self._debug = debug
+        self._owns_group = runtime_group is None
+        if runtime_group is None:
+            hosts = dask.config.get("lazycluster.hosts")
+            if not hosts:
+                raise ValueError(
+                    "no runtime_group given and no hosts configured (lazycluster.hosts)"
+                )
+            runtime_group = RuntimeGroup(
+                hosts=list(hosts),
+                working_dir=config_value("working-dir"),
+                connect_options=config_value("connect-options") or None,
+                python=self._python,
+            )
+        elif not isinstance(runtime_group, RuntimeGroup):
+            raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
+        if ports is None:
+            first, last = dask.config.get("lazycluster.port-range")
+            ports = list(range(int(first), int(last) + 1))
+        try:
+            master_launcher = master_launcher or LocalMasterLauncher(runtime_group)
+            worker_launcher = worker_launcher or RoundRobinLauncher(runtime_group)
+            MasterWorkerCluster.__init__(
+                self, runtime_group, ports, master_launcher, worker_launcher
+            )
+            self._init_state(master_launcher, worker_launcher)
+            self.start_master(master_port)
+            # Everything a user can get wrong is checked here, before any process starts.
+            initial = self._plan_workers(
+                runtime_group.runtime_count if n_workers is None else n_workers, {}
+            )
+            listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
+            scheduler = self._master_launcher_spec(listen, sched_options)
+            SpecCluster.__init__(
+                self,
+                workers=initial,
+                scheduler=scheduler,
+                worker=self._worker_template(),
+                asynchronous=asynchronous,
+                **kwargs,
+            )
+        except BaseException:
+            self._abandon()
+            raise
+
+    # -- set-up helpers -------------------------------------------------------------------------
+
+    def _init_state(self, master: MasterLauncher, workers: WorkerLauncher) -> None:
+        self._allocated: dict[str, list[int]] = {}
+        self._hosts_of: dict[str, str] = {}
+        self._counter = 0
+        self._busy_snapshot: set[int] = set()
+        self._direct_hosts: set[str] = set() if self._tunnel is True else set(self._group.hosts)
+        for launcher in (master, workers):
+            if isinstance(launcher, LocalMasterLauncher | RoundRobinLauncher):
+                launcher._cluster = weakref.ref(self)
+        busy = run_sync(on_loop(self._group._busy_ports(self._group.runtimes)))
+        self._busy_snapshot = set().union(*busy.values()) if busy else set()
+
+    def _master_launcher_spec(self, listen: str, options: dict[str, Any]) -> dict[str, Any]:
+        launcher = self._master_launcher
+        if isinstance(launcher, LocalMasterLauncher):
+            return launcher.scheduler_spec(listen, options)
+        spec = getattr(launcher, "scheduler_spec", None)
+        if callable(spec):
+            return dict(spec(listen, options))
+        return LocalMasterLauncher.scheduler_spec(launcher, listen, options)  # type: ignore[arg-type]
+
+    def _worker_template(self) -> dict[str, Any]:
+        runtimes = self._group.runtimes
+        options = dict(self._worker_options)
+        options.setdefault("nthreads", min(r.cpu_cores for r in runtimes))
+        if "memory_limit" not in options:
+            options["memory_limit"] = min(r.memory for r in runtimes)
+        options.setdefault("death_timeout", self._death_timeout)
+        return {"cls": RemoteWorker, "options": options}
+
+    def _abandon(self) -> None:
+        """Undo a failed construction: no forward, process or (owned) connection is left."""
+        with suppress(Exception):
+            if getattr(self, "_loop_runner", None) is not None and self.status != Status.closed:
+                self.sync(self._close)
+        with suppress(Exception):
+            self._loop_runner.stop()
+        with suppress(Exception):
+            self._master_launcher.cleanup()
+        if self._owns_group:
+            with suppress(Exception):
+                self._group.cleanup()
+
+    async def _start(self) -> None:
+        try:
+            await SpecCluster._start(self)
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise MasterStartError("localhost", self.master_port, str(cause)) from exc
+        if self._tunnel is not False:
+            port = self.master_port
+            assert port is not None
+            exclude = list(self._direct_hosts)
+            try:
+                await on_loop(self._group._expose_port_to_runtimes(port, port, exclude))
+            except LazyclusterError as exc:
+                await self._close()
+                raise MasterStartError("localhost", port, f"cannot tunnel it: {exc}") from exc
+
+    # -- placement and ports ----------------------------------------------------------------------
+
+    @property
+    def worker_count(self) -> int:
+        """Number of workers planned (running or starting)."""
+        return len(self.worker_spec) if hasattr(self, "worker_spec") else 0
+
+    def _ports_needed(self, host: str) -> int:
+        if host in self._direct_hosts:
+            return 0
+        return 2 if self._worker_class.rsplit(".", 1)[-1] == "Nanny" else 1
+
+    def _take_ports(self, count: int) -> list[int]:
+        in_use = {p for ports in self._allocated.values() for p in ports}
+        in_use.add(self.master_port or 0)
+        taken: list[int] = []
+        for port in self._ports:
+            if len(taken) == count:
+                break
+            if port in in_use or port in self._busy_snapshot or not localhost_has_free_port(port):
+                continue
+            taken.append(port)
+        if len(taken) < count:
+            raise NoPortsLeftError(
+                f"the port list ({len(self._ports)} ports) has too few ports free on the manager "
+                f"and every runtime for another worker; pass more ports= or a larger port-range"
+            )
+        return taken
+
+    def _plan_workers(
+        self, count: int, existing: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Allocate hosts and ports for ``count`` new workers, all or nothing."""
+        counts = Counter(self._hosts_of[name] for name in existing if name in self._hosts_of)
+        planned: dict[str, dict[str, Any]] = {}
+        try:
+            for _ in range(count):
+                host = self._worker_launcher_select(dict(counts))
+                while f"{host}-{self._counter}" in existing or f"{host}-{self._counter}" in planned:
+                    self._counter += 1
+                name = f"{host}-{self._counter}"
+                self._counter += 1
+                self._allocated[name] = self._take_ports(self._ports_needed(host))
+                self._hosts_of[name] = host
+                counts[host] += 1
+                planned[name] = self._worker_spec_for(name, host)
+        except BaseException:
+            for name in planned:
+                self._release_ports(name)
+            self._allocated = {n: p for n, p in self._allocated.items() if n not in planned}
+            raise
+        return planned
+
+    def _worker_launcher_select(self, counts: dict[str, int]) -> str:
+        launcher = self._worker_launcher
+        select = getattr(launcher, "select_host", None)
+        if select is None:
+            return RoundRobinLauncher.select_host(launcher, counts, self._max_per_host)  # type: ignore[arg-type]
+        host = select(counts, self._max_per_host)
+        if not self._group.contains_runtime(host):
+            raise LazyclusterError(f"worker launcher chose {host!r}, which is not in the group")
+        return str(host)
+
+    def _worker_spec_for(self, name: str, host: str) -> dict[str, Any]:
+        template = self._worker_template()
+        return {
+            "cls": RemoteWorker,
+            "options": {
+                "name": name,
+                "host": host,
+                "ports": self._allocated[name],
+                "cluster": weakref.ref(self),
+                "worker_class": self._worker_class,
+                "worker_options": template["options"],
+                "python": self._python,
+                "env": self._env,
+                "debug": self._debug,
+                "start_timeout": self._start_timeout,
+            },
+        }
+
+    def _release_ports(self, name: str) -> None:
+        self._allocated.pop(name, None)
+        if name not in getattr(self, "worker_spec", {}):
+            self._hosts_of.pop(name, None)
+
+    def _unused_ports(self) -> list[int]:
+        in_use = {p for ports in self._allocated.values() for p in ports}
+        return [p for p in self._ports if p not in in_use]
+
+    def _ports_per_host(self) -> dict[str, list[int]]:
+        result: dict[str, list[int]] = {host: [] for host in self._group.hosts}
+        for name in getattr(self, "worker_spec", {}):
+            host = self._hosts_of.get(name)
+            if host is None:
+                continue
+            ports = self._allocated.get(name) or []
+            worker = self.workers.get(name)
+            if ports:
+                result[host].append(ports[0])
+            elif isinstance(worker, RemoteWorker) and worker.worker_address:
+                result[host].append(int(worker.worker_address.rsplit(":", 1)[1]))
+        return result
+
+    # -- SpecCluster API ----------------------------------------------------------------------------
+
+    def new_worker_spec(self) -> dict[str, dict[str, Any]]:
+        """Return name and spec of the next worker, placed by the worker launcher.
+
+        Returns:
+            ``{name: spec}``.
+
+        Raises:
+            NoPortsLeftError: If no ports are left for it.
+        """
+        return self._plan_workers(1, self.worker_spec)
+
+    def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
+        """Scale to ``n`` workers (or enough for ``memory``/``cores``), balanced over hosts.
+
+        New workers go to the hosts with the fewest workers; removed ones come from the hosts
+        with the most, and are retired gracefully (their data moves to the remaining workers).
+
+        Args:
+            n: Target number of workers.
+            memory: Target total memory, e.g. ``"64 GiB"``.
+            cores: Target total threads.
+
+        Returns:
+            An awaitable when asynchronous, else None.
+
+        Raises:
+            ValueError: If ``n`` is negative or not an int.
+            NoPortsLeftError: If the ports cannot serve ``n`` workers (nothing is changed).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if memory is not None:
+            n = max(n, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
+        if cores is not None:
+            n = max(n, math.ceil(cores / self._threads_per_worker()))
+        current = len(self.worker_spec)
+        if n > current and self.status not in (Status.closing, Status.closed):
+            self.worker_spec.update(self._plan_workers(n - current, self.worker_spec))
+        elif n < current:
+            for name in self._names_to_remove(current - n):
+                del self.worker_spec[name]
+                if name not in self.workers:
+                    self._release_ports(name)
+        assert self.loop is not None
+        self.loop.add_callback(self._correct_state)
+        if self.asynchronous:
+            return NoOpAwaitable()
+        return None
+
+    def _names_to_remove(self, count: int) -> list[str]:
+        """Workers not yet launched first, then the newest on the most loaded hosts."""
+        launched = {d["name"] for d in self.scheduler_info.get("workers", {}).values()}
+        order = {host: i for i, host in enumerate(self._group.hosts)}
+        chosen: list[str] = []
+        remaining = list(self.worker_spec)
+        for name in reversed(remaining):
+            if len(chosen) == count:
+                return chosen
+            if name not in launched and name not in self.workers:
+                chosen.append(name)
+        remaining = [n for n in remaining if n not in chosen]
+        while len(chosen) < count and remaining:
+            counts = Counter(self._hosts_of.get(n, "") for n in remaining)
+            busiest = max(counts, key=lambda h: (counts[h], order.get(h, -1)))
+            victim = [n for n in remaining if self._hosts_of.get(n, "") == busiest][-1]
+            remaining.remove(victim)
+            chosen.append(victim)
+        return chosen
+
+    async def _close(self) -> None:
+        await SpecCluster._close(self)
+        if self.master_port is not None:
+            with suppress(Exception):
+                await on_loop(self._group._close_port(self.master_port))
+        if self._owns_group:
+            with suppress(Exception):
+                await on_loop(_gather(*(r._cleanup() for r in self._group.runtimes)))
+
+    # -- lazycluster API ------------------------------------------------------------------------
+
+    def get_client(self, timeout: int = 2) -> Client:
+        """Return a Client connected to the cluster.
+
+        Args:
+            timeout: Seconds to wait for the connection.
+
+        Returns:
+            The client (asynchronous when the cluster is).
+
+        Raises:
+            TimeoutError: If it cannot connect within ``timeout``.
+        """
+        return Client(self, timeout=timeout, asynchronous=self.asynchronous)
+
+    def cleanup(self) -> None:
+        """Stop every worker, the scheduler and their forwards (twice is harmless).
+
+        Runtimes the cluster created from config are cleaned up too; a group you passed in
+        stays connected for reuse (call its ``cleanup()``).
+        """
+        if self.status != Status.closed:
+            self.close()
+
+    @property
+    def runtime_group(self) -> RuntimeGroup:
+        """The runtime group the cluster runs on."""
+        return self._group
+
+    @property
+    def tunnel(self) -> bool | str:
+        """The networking mode: True (SSH tunnels), False (direct) or ``"auto"``."""
+        return self._tunnel
+
+    def runtime_of(self, worker_name: str) -> Runtime:
+        """Return the runtime a worker runs on.
+
+        Args:
+            worker_name: The worker's name (its spec key).
+
+        Returns:
+            The runtime.
+
+        Raises:
+            KeyError: If no such worker is planned.
+        """
+        return self._group.get_runtime(self._hosts_of[worker_name])
+
+
+def _check_dict(value: Any, argument: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{argument} must be a dict, got {value!r}")
+    return value
