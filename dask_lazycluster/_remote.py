@@ -85,6 +85,7 @@ def run_function(request: dict[str, Any]) -> None:
     """Unpickle ``(function, kwargs)`` from stdin, call it and write the pickled outcome."""
     events = _events_stream()
     data = sys.stdin.buffer.read(int(request["size"]))
+    _watch_lifeline(None)
     import cloudpickle
 
     try:
@@ -96,6 +97,25 @@ def run_function(request: dict[str, Any]) -> None:
         payload = cloudpickle.dumps(("error", traceback.format_exc()))
     sys.stderr.flush()
     events.write(RESULT_HEADER + str(len(payload)).encode() + b"\n" + payload)
+
+
+def _watch_lifeline(on_line: Any) -> None:
+    """Watch stdin in a thread: pass each line to ``on_line``; at its end kill the group.
+
+    stdin is the SSH channel: it ends when the manager cleans up, dies or loses the host.
+    """
+    try:
+        os.setsid()  # own process group even when sshd did not make us a leader
+    except OSError:
+        pass
+
+    def watch() -> None:
+        for line in sys.stdin.buffer:
+            if on_line is not None:
+                on_line(line)
+        _kill_group()
+
+    threading.Thread(target=watch, name="lazycluster-lifeline", daemon=True).start()
 
 
 def _kill_group() -> None:
@@ -115,24 +135,18 @@ def serve(request: dict[str, Any]) -> None:
     """
     import asyncio
 
-    try:
-        os.setsid()  # own process group even when sshd did not make us a leader
-    except OSError:
-        pass
     events = _events_stream()
     stop_requested: list[bool] = []
     loop_box: list[asyncio.AbstractEventLoop] = []
     stop_event_box: list[asyncio.Event] = []
 
-    def watch_stdin() -> None:
-        for line in sys.stdin.buffer:
-            if line.strip() == b"stop":
-                stop_requested.append(True)
-                if loop_box and stop_event_box:
-                    loop_box[0].call_soon_threadsafe(stop_event_box[0].set)
-        _kill_group()
+    def on_line(line: bytes) -> None:
+        if line.strip() == b"stop":
+            stop_requested.append(True)
+            if loop_box and stop_event_box:
+                loop_box[0].call_soon_threadsafe(stop_event_box[0].set)
 
-    threading.Thread(target=watch_stdin, name="lazycluster-stdin", daemon=True).start()
+    _watch_lifeline(on_line)
 
     async def run() -> None:
         from distributed.utils import import_term
@@ -169,6 +183,31 @@ def serve(request: dict[str, Any]) -> None:
     os._exit(0)
 
 
+def reachability(request: dict[str, Any]) -> None:
+    """Report whether this host reaches the manager directly, and accept one probe back.
+
+    Prints ``{"out": bool, "port": int}``, then waits briefly for the manager to connect to
+    ``port`` on ``bind`` (the inbound test is judged by the manager).
+    """
+    import socket
+
+    outbound = False
+    try:
+        socket.create_connection((request["manager"], request["manager_port"]), 2).close()
+        outbound = True
+    except OSError:
+        pass
+    server = socket.socket()
+    server.bind((request["bind"], 0))
+    server.listen(1)
+    print(json.dumps({"out": outbound, "port": server.getsockname()[1]}), flush=True)
+    server.settimeout(float(request.get("wait", 3)))
+    try:
+        server.accept()[0].close()
+    except OSError:
+        pass
+
+
 def main() -> None:
     """Read the request line from stdin and run the requested action."""
     request = json.loads(sys.stdin.buffer.readline())
@@ -177,7 +216,8 @@ def main() -> None:
     if cwd:
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         os.chdir(cwd)
-    {"probe": probe, "function": run_function, "serve": serve}[request["action"]](request)
+    actions = {"probe": probe, "function": run_function, "serve": serve, "reach": reachability}
+    actions[request["action"]](request)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,13 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 _PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REMOTE_SOURCE = Path(_remote.__file__).read_bytes()
 _LOG_TAIL = 20
+# Runs a task command read from stdin; a watcher on the rest of stdin kills the whole process
+# group when the SSH channel closes. (Background jobs get /dev/null as stdin unless redirected
+# explicitly, hence fd 3.)
+_COMMAND_WRAPPER = (
+    's=$(head -c "$1"); exec 3<&0; (cat <&3 >/dev/null; kill -KILL 0) & w=$!; '
+    '(eval "$s") </dev/null 3<&-; rc=$?; kill $w 2>/dev/null; exit $rc'
+)
 
 _live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
@@ -120,6 +127,8 @@ class RemoteProcess:
 
     async def _read_log(self) -> None:
         async for raw in self._process.stderr:
+            if not raw:  # asyncssh yields an empty read at EOF
+                continue
             line = raw.decode(errors="replace").rstrip("\n")
             self.log.append(line)
             if self._debug:
@@ -589,6 +598,41 @@ class Runtime:
         """The host's address as the manager reaches it."""
         return str(self._connection.get_extra_info("peername")[0])
 
+    async def _reaches_directly(self, timeout: float = 2.0) -> bool:
+        """Whether plain TCP works both ways between the manager and this host.
+
+        The host connects to a temporary listener on the manager's address of this SSH
+        connection, and the manager connects to a temporary listener on the host's address.
+        """
+        server = await asyncio.start_server(lambda r, w: w.close(), self.local_address, 0)
+        manager_port = server.sockets[0].getsockname()[1]
+        try:
+            process = await self._connection.create_process(self._python_command(), encoding=None)
+            process.stdin.write(self._request(
+                "reach", manager=self.local_address, manager_port=manager_port,
+                bind=self.remote_address, wait=timeout + 1,
+            ))
+            process.stdin.write_eof()
+            try:
+                line = await asyncio.wait_for(process.stdout.readline(), timeout + 5)
+                report = json.loads(line)
+            except (asyncio.TimeoutError, ValueError):
+                process.close()
+                return False
+            inbound = False
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.remote_address, report["port"]), timeout
+                )
+                writer.close()
+                inbound = True
+            except (OSError, asyncio.TimeoutError):
+                pass
+            process.close()
+            return bool(report["out"]) and inbound
+        finally:
+            server.close()
+
     # -- ports ----------------------------------------------------------------------------------
 
     async def _listening_ports(self) -> set[int]:
@@ -712,12 +756,13 @@ class Runtime:
     async def _run_command(self, task: RuntimeTask, command: str, debug: bool) -> None:
         wd = await self._ensure_working_dir()
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self._env.items())
-        # The script goes over stdin so env values never show in `ps`; the group redirect
-        # keeps the command from eating the rest of the script.
-        script = f"{{\ncd {shlex.quote(wd)} || exit 1\n{exports}{command}\n}} </dev/null\n"
-        process = await self._connection.create_process("sh -s")
+        script = f"cd {shlex.quote(wd)} || exit 1\n{exports}{command}\n"
+        # The script goes over stdin so env values never show in `ps`; stdin then stays open
+        # as a lifeline, so closing the channel (cleanup, manager gone) kills the command.
+        process = await self._connection.create_process(
+            f"sh -c {shlex.quote(_COMMAND_WRAPPER)} lazycluster {len(script.encode())}"
+        )
         process.stdin.write(script)
-        process.stdin.write_eof()
 
         async def pump(stream: asyncssh.SSHReader[str], label: str) -> None:
             async for line in stream:
@@ -726,6 +771,7 @@ class Runtime:
                 task._record(f"{label}{line.rstrip()}", debug)
 
         await asyncio.gather(pump(process.stdout, ""), pump(process.stderr, "stderr: "))
+        process.stdin.write_eof()
         result = await process.wait()
         if result.exit_status != 0:
             raise TaskExecutionError(
@@ -739,8 +785,8 @@ class Runtime:
         wd = await self._ensure_working_dir()
         payload = cloudpickle.dumps((function, kwargs))
         process = await self._connection.create_process(self._python_command(), encoding=None)
+        # stdin stays open: its end tells the remote side to kill the function's process group.
         process.stdin.write(self._request("function", size=len(payload), cwd=wd) + payload)
-        process.stdin.write_eof()
 
         async def pump_log() -> None:
             async for raw in process.stderr:
@@ -749,6 +795,7 @@ class Runtime:
                 task._record(raw.decode(errors="replace").rstrip(), debug)
 
         output, _ = await asyncio.gather(process.stdout.read(), pump_log())
+        process.stdin.write_eof()
         await process.wait()
         head, sep, rest = output.partition(_remote.RESULT_HEADER)
         if not sep:

@@ -502,6 +502,12 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._counter = 0
         self._busy_snapshot: set[int] = set()
         self._direct_hosts: set[str] = set() if self._tunnel is True else set(self._group.hosts)
+        if self._tunnel == "auto":
+            runtimes = self._group.runtimes
+            direct = run_sync(on_loop(_gather(*(r._reaches_directly() for r in runtimes))))
+            self._direct_hosts = {r.host for r, ok in zip(runtimes, direct, strict=True) if ok}
+            logger.info("tunnel='auto': direct %s, tunneled %s", sorted(self._direct_hosts),
+                        sorted(set(self._group.hosts) - self._direct_hosts))
         for launcher in (master, workers):
             if isinstance(launcher, LocalMasterLauncher | RoundRobinLauncher):
                 launcher._cluster = weakref.ref(self)
@@ -765,9 +771,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             self.close()
 
     @property
-    def runtime_group(self) -> RuntimeGroup:
-        """The runtime group the cluster runs on."""
-        return self._group
+    def direct_hosts(self) -> list[str]:
+        """Hosts whose workers use direct TCP (all with ``tunnel=False``, probed with "auto")."""
+        return [h for h in self._group.hosts if h in self._direct_hosts]
 
     @property
     def tunnel(self) -> bool | str:

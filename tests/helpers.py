@@ -1,0 +1,104 @@
+"""Small real-network helpers for the tests: echo servers and clients inside test hosts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dask_lazycluster.testing import TestHosts
+
+ECHO_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    data = c.recv(1024)
+    c.sendall(b"echo:" + data + b":" + socket.gethostname().encode())
+    c.close()
+"""
+
+ECHO_CLIENT = """
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5)
+c.sendall(b"ping"); print(c.recv(1024).decode()); c.close()
+"""
+
+
+@contextmanager
+def echo_server_in_host(hosts: TestHosts, name: str, port: int) -> Iterator[None]:
+    """Run an echo server on ``127.0.0.1:port`` inside a test host."""
+    proc = hosts.popen(name, [sys.executable, "-c", ECHO_SERVER, str(port)],
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def echo_server_on_manager(port: int) -> Iterator[None]:
+    """Run an echo server on the manager's ``127.0.0.1:port`` (a thread)."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            data = conn.recv(1024)
+            conn.sendall(b"echo:" + data + b":manager")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def echo_from_host(hosts: TestHosts, name: str, port: int) -> str:
+    """Connect to ``127.0.0.1:port`` from inside a host; return the reply ('' on failure)."""
+    out = hosts.run(name, [sys.executable, "-c", ECHO_CLIENT, str(port)], timeout=20)
+    return out.stdout.strip()
+
+
+def echo_from_manager(port: int) -> str:
+    """Connect to the manager's ``127.0.0.1:port``; return the reply."""
+    with socket.create_connection(("127.0.0.1", port), 5) as conn:
+        conn.sendall(b"ping")
+        return conn.recv(1024).decode()
+
+
+def free_port() -> int:
+    """A port free on the manager right now (and, by the test hosts' design, on them)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true or ``timeout``; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return bool(value)
+        time.sleep(interval)
