@@ -85,7 +85,7 @@ def run_function(request: dict[str, Any]) -> None:
     """Unpickle ``(function, kwargs)`` from stdin, call it and write the pickled outcome."""
     events = _events_stream()
     data = sys.stdin.buffer.read(int(request["size"]))
-    _watch_lifeline(None)
+    _watch_lifeline(request)
     import cloudpickle
 
     try:
@@ -99,10 +99,12 @@ def run_function(request: dict[str, Any]) -> None:
     events.write(RESULT_HEADER + str(len(payload)).encode() + b"\n" + payload)
 
 
-def _watch_lifeline(on_line: Any) -> None:
+def _watch_lifeline(request: dict[str, Any], on_line: Any = None) -> None:
     """Watch stdin in a thread: pass each line to ``on_line``; at its end kill the group.
 
-    stdin is the SSH channel: it ends when the manager cleans up, dies or loses the host.
+    stdin is the SSH channel: it ends when the manager is done with us, dies or loses the host.
+    An orderly end is announced by a ``bye`` line; without it the manager is gone, so the
+    private temp working dir (``cleanup_dir``) is removed too: nobody else will.
     """
     try:
         os.setsid()  # own process group even when sshd did not make us a leader
@@ -110,9 +112,16 @@ def _watch_lifeline(on_line: Any) -> None:
         pass
 
     def watch() -> None:
+        orderly = False
         for line in sys.stdin.buffer:
-            if on_line is not None:
+            if line.strip() == b"bye":
+                orderly = True
+            elif on_line is not None:
                 on_line(line)
+        if not orderly and request.get("cleanup_dir"):
+            import shutil
+
+            shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
         _kill_group()
 
     threading.Thread(target=watch, name="lazycluster-lifeline", daemon=True).start()
@@ -146,7 +155,7 @@ def serve(request: dict[str, Any]) -> None:
             if loop_box and stop_event_box:
                 loop_box[0].call_soon_threadsafe(stop_event_box[0].set)
 
-    _watch_lifeline(on_line)
+    _watch_lifeline(request, on_line)
 
     async def run() -> None:
         from distributed.utils import import_term

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import copy
 import json
@@ -47,9 +48,10 @@ _LOG_TAIL = 20
 # Runs a task command read from stdin; a watcher on the rest of stdin kills the whole process
 # group when the SSH channel closes. (Background jobs get /dev/null as stdin unless redirected
 # explicitly, hence fd 3.)
+# $2 is the private temp working dir, removed when the manager vanished ('' otherwise).
 _COMMAND_WRAPPER = (
-    's=$(head -c "$1"); exec 3<&0; (cat <&3 >/dev/null; kill -KILL 0) & w=$!; '
-    '(eval "$s") </dev/null 3<&-; rc=$?; kill $w 2>/dev/null; exit $rc'
+    's=$(head -c "$1"); exec 3<&0; (cat <&3 >/dev/null; [ -n "$2" ] && rm -rf "$2"; kill -KILL 0) & '
+    'w=$!; (eval "$s") </dev/null 3<&-; rc=$?; kill $w 2>/dev/null; exit $rc'
 )
 
 _live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -81,6 +83,15 @@ def _describe_connect_error(exc: BaseException, timeout: float) -> str:
 
 def _tail(lines: list[str], n: int = _LOG_TAIL) -> str:
     return "\n".join(lines[-n:])
+
+
+def _say_bye(process: asyncssh.SSHClientProcess[Any]) -> None:
+    """End a lifeline in order: the remote side then keeps the working dir (we still need it)."""
+    try:
+        process.stdin.write(b"bye\n")
+        process.stdin.write_eof()
+    except (OSError, asyncssh.Error):
+        pass  # already gone
 
 
 class RemoteProcess:
@@ -178,17 +189,16 @@ class RemoteProcess:
 
     async def kill(self) -> None:
         """Drop the channel: the remote side kills its whole process group."""
-        try:
-            self._process.stdin.write_eof()
-        except (OSError, asyncssh.Error, BrokenPipeError):
-            pass
+        _say_bye(self._process)
         self._process.close()
         try:
             await asyncio.wait_for(self._process.wait_closed(), 5)
         except (asyncio.TimeoutError, OSError, asyncssh.Error):
             pass
         await asyncio.gather(*self._readers, return_exceptions=True)
-        self.runtime._servers.discard(self)
+        if self in self.runtime._servers:
+            self.runtime._servers.discard(self)
+            self.runtime._finished_servers.append(self)
 
 
 @dataclass
@@ -416,6 +426,8 @@ class Runtime:
         self._wd_ready = False
         self._forwards: dict[int, asyncssh.SSHListener] = {}
         self._servers: set[RemoteProcess] = set()
+        # Logs of ended servers stay readable by print_log() (bounded: scale cycles add many).
+        self._finished_servers: collections.deque[RemoteProcess] = collections.deque(maxlen=100)
         self._tasks: list[RuntimeTask] = []
         self._closed = False
 
@@ -464,7 +476,8 @@ class Runtime:
 
     def _request(self, action: str, env: dict[str, str] | None = None, **fields: Any) -> bytes:
         """The bytes to write to a bootstrapped python: this module's source, then the request."""
-        header = {"action": action, "env": {**self._env, **(env or {})}, **fields}
+        header = {"action": action, "env": {**self._env, **(env or {})},
+                  "cleanup_dir": self._wd if self._wd_is_temp else None, **fields}
         return (
             str(len(_REMOTE_SOURCE)).encode() + b"\n" + _REMOTE_SOURCE
             + json.dumps(header).encode() + b"\n"
@@ -760,7 +773,8 @@ class Runtime:
         # The script goes over stdin so env values never show in `ps`; stdin then stays open
         # as a lifeline, so closing the channel (cleanup, manager gone) kills the command.
         process = await self._connection.create_process(
-            f"sh -c {shlex.quote(_COMMAND_WRAPPER)} lazycluster {len(script.encode())}"
+            f"sh -c {shlex.quote(_COMMAND_WRAPPER)} lazycluster {len(script.encode())} "
+            f"{shlex.quote(wd if self._wd_is_temp else '')}"
         )
         process.stdin.write(script)
 
@@ -795,7 +809,7 @@ class Runtime:
                 task._record(raw.decode(errors="replace").rstrip(), debug)
 
         output, _ = await asyncio.gather(process.stdout.read(), pump_log())
-        process.stdin.write_eof()
+        _say_bye(process)
         await process.wait()
         head, sep, rest = output.partition(_remote.RESULT_HEADER)
         if not sep:
@@ -926,7 +940,7 @@ class Runtime:
         for task in self._tasks:
             print(f"=== {self._host}: {task.name}")
             task.print_log()
-        for server in list(self._servers):
+        for server in [*self._finished_servers, *self._servers]:
             print(f"=== {self._host}: {server.name}")
             print("\n".join(server.log))
 

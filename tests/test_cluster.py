@@ -1,0 +1,278 @@
+"""DaskCluster on real sshd test hosts: the seed flow, SpecCluster behaviour, networking, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from distributed import Client
+
+from dask_lazycluster import (
+    DaskCluster,
+    LazyclusterError,
+    LocalMasterLauncher,
+    MasterStartError,
+    NoPortsLeftError,
+    PortInUseError,
+    RoundRobinLauncher,
+    RuntimeGroup,
+)
+from dask_lazycluster.testing import TestHosts
+
+from .conftest import ours_left, wait_no_leftovers
+from .helpers import echo_server_on_manager, free_port, wait_until
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+
+def hostnames(client: Client) -> Counter[str]:
+    return Counter(client.run(socket.gethostname).values())
+
+
+def wait_workers(client: Client, n: int, timeout: float = 60) -> None:
+    assert wait_until(lambda: len(client.scheduler_info()["workers"]) == n, timeout), (
+        f"expected {n} workers, have {len(client.scheduler_info()['workers'])}"
+    )
+
+
+def exchange_between_workers(client: Client) -> list[int]:
+    """Make every worker fetch a 10 MB result computed on another worker."""
+    workers = sorted(client.scheduler_info()["workers"])
+    made = [client.submit(lambda n: b"x" * n, 10_000_000, workers=[w], pure=False)
+            for w in workers]
+    moved = [client.submit(len, f, workers=[workers[(i + 1) % len(workers)]])
+             for i, f in enumerate(made)]
+    return client.gather(moved)
+
+
+def test_seed_flow(hosts: TestHosts, group: RuntimeGroup,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = DaskCluster(group)
+    cluster.start()
+    assert cluster.worker_count == len(hosts.names)  # start() is idempotent: one per runtime
+    assert cluster.master_port == DaskCluster.DEFAULT_MASTER_PORT
+    assert cluster.runtime_group is group
+    client = cluster.get_client()
+    assert client.submit(lambda x: x + 1, 1).result() == 2
+    assert sum(client.gather(client.map(lambda x: x * 2, range(100)))) == 9900
+    if hosts.mode == "netns":
+        assert hostnames(client) == Counter({name: 1 for name in hosts.names})
+    assert {h: len(p) for h, p in cluster._worker_launcher.ports_per_host.items()} == {
+        name: 1 for name in hosts.names}
+    cluster.print_log()
+    assert "distributed.worker" in capsys.readouterr().out
+    client.close()
+    cluster.cleanup()
+    cluster.cleanup()  # twice is harmless
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_speccluster_behaviour_and_balanced_scaling(netns: TestHosts, group: RuntimeGroup) -> None:
+    names = netns.names
+    with DaskCluster(group, n_workers=0) as cluster, Client(cluster) as client:
+        assert "DaskCluster" in cluster._repr_html_()
+        with urllib.request.urlopen(cluster.dashboard_link, timeout=10) as page:
+            assert page.status == 200
+        cluster.scale(6)
+        wait_workers(client, 6)
+        assert hostnames(client) == Counter({n: 2 for n in names})
+        cluster.scale(4)
+        wait_workers(client, 4)
+        # removed from the busiest hosts, last in group order first
+        assert hostnames(client) == Counter({names[0]: 2, names[1]: 1, names[2]: 1})
+        cluster.scale(6)
+        wait_workers(client, 6)
+        assert hostnames(client) == Counter({n: 2 for n in names})  # refilled the emptiest
+        assert all(len(p) == 2 for p in cluster._worker_launcher.ports_per_host.values())
+        threads = cluster._threads_per_worker()
+        cluster.scale(cores=threads * 2)
+        wait_workers(client, 2)
+        assert "Cluster" in cluster.get_logs()
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_adapt_grows_under_load_and_shrinks_when_idle(netns: TestHosts,
+                                                      group: RuntimeGroup) -> None:
+    with DaskCluster(group, n_workers=0) as cluster, Client(cluster) as client:
+        cluster.adapt(minimum=0, maximum=6, interval="200ms", wait_count=2,
+                      target_duration="1s")
+
+        def slow(x: int) -> int:
+            time.sleep(0.3)
+            return x
+
+        futures = client.map(slow, range(80))
+        assert wait_until(lambda: len(client.scheduler_info()["workers"]) >= 3, 60)
+        assert sum(client.gather(futures)) == sum(range(80))
+        del futures
+        wait_workers(client, 0, timeout=60)
+
+
+async def test_async_cluster(hosts: TestHosts, group: RuntimeGroup) -> None:
+    async with DaskCluster(group, n_workers=1, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            assert await client.submit(lambda: 41 + 1) == 42
+            await cluster.scale(2)
+            await client.wait_for_workers(2)
+            await cluster  # the cluster's own view catches up
+            assert len(cluster.workers) == 2
+
+
+def test_tunnel_mode_when_hosts_open_only_ssh(fw_hosts: TestHosts) -> None:
+    group = RuntimeGroup(hosts=fw_hosts.names)
+    try:
+        with DaskCluster(group, tunnel=True) as cluster, Client(cluster) as client:
+            wait_workers(client, len(fw_hosts.names))
+            assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
+            assert exchange_between_workers(client) == [10_000_000] * len(fw_hosts.names)
+    finally:
+        group.cleanup()
+    assert wait_no_leftovers(fw_hosts) == {}
+
+
+def test_direct_mode_uses_an_address_the_hosts_can_route(netns: TestHosts,
+                                                         group: RuntimeGroup) -> None:
+    with DaskCluster(group, tunnel=False) as cluster, Client(cluster) as client:
+        wait_workers(client, 3)
+        prefix = netns.hosts[0].address.rsplit(".", 1)[0]
+        assert all(a.startswith(f"tcp://{prefix}.") for a in client.scheduler_info()["workers"])
+        assert exchange_between_workers(client) == [10_000_000] * 3
+        assert cluster.direct_hosts == netns.names
+        with urllib.request.urlopen(cluster.dashboard_link, timeout=10) as page:
+            assert page.status == 200
+
+
+def test_auto_mode_picks_direct_or_tunnel_per_host(netns: TestHosts, fw_hosts: TestHosts) -> None:
+    mixed = RuntimeGroup(hosts=[netns.names[0], *fw_hosts.names[:2]])
+    try:
+        with DaskCluster(mixed, tunnel="auto") as cluster, Client(cluster) as client:
+            assert cluster.direct_hosts == [netns.names[0]]
+            wait_workers(client, 3)
+            assert exchange_between_workers(client) == [10_000_000] * 3
+    finally:
+        mixed.cleanup()
+
+
+def test_user_errors_raise_synchronously_and_leave_nothing(hosts: TestHosts,
+                                                           group: RuntimeGroup) -> None:
+    with pytest.raises(ValueError, match="tunnel"):
+        DaskCluster(group, tunnel="maybe")
+    with pytest.raises(ValueError, match="n_workers"):
+        DaskCluster(group, n_workers=-1)
+    with pytest.raises(TypeError, match="runtime_group"):
+        DaskCluster("host1")  # type: ignore[arg-type]
+    busy = free_port()
+    with echo_server_on_manager(busy), pytest.raises(PortInUseError, match=str(busy)):
+        DaskCluster(group, master_port=busy)
+    few = [free_port() for _ in range(3)]
+    with pytest.raises(NoPortsLeftError):
+        DaskCluster(group, ports=few, tunnel=True)  # 3 nannies need 6 ports
+    assert ours_left(hosts) == {}
+
+
+def test_port_exhaustion_from_scale_and_start_workers(netns: TestHosts,
+                                                      group: RuntimeGroup) -> None:
+    ports = sorted({free_port() for _ in range(8)})[:4]
+    with DaskCluster(group, ports=ports, n_workers=2) as cluster:
+        with pytest.raises(NoPortsLeftError):
+            cluster.scale(3)
+        with pytest.raises(NoPortsLeftError):
+            cluster.start_workers(1)
+        assert len(cluster.worker_spec) == 2  # nothing half-planned
+        with pytest.raises(ValueError):
+            cluster.start_workers(-1)
+        with pytest.raises(ValueError):
+            cluster.scale(-1)
+        cluster.scale(1)
+        assert wait_until(lambda: len(cluster.workers) == 1, 30)
+        cluster.start_workers(1)  # freed ports are reused
+        assert len(cluster.workers) == 2
+
+
+def test_master_port_rules(netns: TestHosts, group: RuntimeGroup) -> None:
+    with DaskCluster(group, n_workers=0) as cluster:
+        port = cluster.master_port
+        cluster.start_master(port)  # no-op on the running port
+        cluster.start_master()
+        with pytest.raises(MasterStartError, match=str(port)):
+            cluster.start_master(port + 1)
+
+
+def test_wrong_python_fails_fast_naming_host_and_path(hosts: TestHosts,
+                                                      group: RuntimeGroup) -> None:
+    started = time.monotonic()
+    with pytest.raises(LazyclusterError, match="/no/such/python") as info:
+        DaskCluster(group, python="/no/such/python", n_workers=1)
+    assert hosts.names[0] in str(info.value)
+    assert time.monotonic() - started < 30
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_custom_launchers_are_honoured(netns: TestHosts, group: RuntimeGroup) -> None:
+    class FirstHostOnly(RoundRobinLauncher):
+        def select_host(self, counts: dict[str, int], max_per_host: int | None) -> str:
+            return self.runtime_group.hosts[0]
+
+    class FixedPort(LocalMasterLauncher):
+        def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
+            return super().start(self.chosen, timeout, debug)
+
+    master = FixedPort(group)
+    master.chosen = free_port()  # type: ignore[attr-defined]
+    with DaskCluster(group, master_launcher=master, worker_launcher=FirstHostOnly(group),
+                     n_workers=3) as cluster, Client(cluster) as client:
+        assert cluster.master_port == master.chosen  # type: ignore[attr-defined]
+        assert master.process is cluster.scheduler
+        assert hostnames(client) == Counter({netns.names[0]: 3})
+
+
+def test_max_workers_per_host(netns: TestHosts, group: RuntimeGroup) -> None:
+    with DaskCluster(group, n_workers=3, max_workers_per_host=1,
+                     worker_class="distributed.Worker") as cluster:
+        with pytest.raises(NoPortsLeftError, match="max-workers-per-host"):
+            cluster.scale(4)
+
+
+def test_manager_killed_leaves_nothing_running(hosts: TestHosts) -> None:
+    script = (
+        "from dask_lazycluster import DaskCluster, RuntimeGroup\n"
+        f"cluster = DaskCluster(RuntimeGroup(hosts={hosts.names!r}), tunnel=False)\n"
+        "print('ready', flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert ours_left(hosts), "the workers should be running now"
+    finally:
+        proc.kill()
+        proc.wait()
+    started = time.monotonic()
+    assert wait_no_leftovers(hosts, timeout=30) == {}
+    assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def config_hosts(hosts: TestHosts) -> Iterator[list[str]]:
+    import dask
+
+    with dask.config.set({"lazycluster.hosts": hosts.names[:2], "lazycluster.n-workers": 1,
+                          "lazycluster.worker-class": "distributed.Worker"}):
+        yield hosts.names[:2]
+
+
+def test_cluster_from_config_owns_and_closes_its_group(hosts: TestHosts,
+                                                       config_hosts: list[str]) -> None:
+    with DaskCluster() as cluster, Client(cluster) as client:
+        assert cluster.runtime_group.hosts == config_hosts
+        wait_workers(client, 1)
+        runtimes = cluster.runtime_group.runtimes
+    assert all(r._closed for r in runtimes)
