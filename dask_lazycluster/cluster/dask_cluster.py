@@ -482,6 +482,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             )
             listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
             scheduler = self._master_launcher_spec(listen, sched_options)
+            # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
+            kwargs.setdefault("silence_logs", logging.WARNING)
             SpecCluster.__init__(
                 self,
                 workers=initial,
