@@ -20,7 +20,8 @@ from dask_lazycluster.testing import TestHosts
 
 
 def _tunnel(value: str) -> bool | str:
-    return {"true": True, "false": False, "auto": "auto"}[value.lower()]
+    modes: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
+    return modes[value.lower()]
 
 
 def main(argv: list[str] | None = None) -> None:
