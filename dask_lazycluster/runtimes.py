@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
-import copy
 import json
 import logging
 import os
@@ -19,8 +17,7 @@ import socket
 import sys
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,8 @@ import cloudpickle
 
 from dask_lazycluster import _remote
 from dask_lazycluster._loop import get_loop, on_loop, run_sync
+from dask_lazycluster._process import RemoteProcess, _say_bye, _tail
+from dask_lazycluster._task import RuntimeTask
 from dask_lazycluster.exceptions import (
     InvalidRuntimeError,
     LazyclusterError,
@@ -44,7 +43,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # AES-GCM measured ~1.3x the default cipher's tunnel throughput here; keep the rest as fallback.
 _PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REMOTE_SOURCE = Path(_remote.__file__).read_bytes()
-_LOG_TAIL = 20
 # Runs a task command read from stdin; a watcher on the rest of stdin kills the whole process
 # group when the SSH channel closes. (Background jobs get /dev/null as stdin unless redirected
 # explicitly, hence fd 3.)
@@ -79,278 +77,6 @@ def _describe_connect_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, OSError):
         return f"cannot connect: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _tail(lines: list[str], n: int = _LOG_TAIL) -> str:
-    return "\n".join(lines[-n:])
-
-
-def _say_bye(process: asyncssh.SSHClientProcess[Any]) -> None:
-    """End a lifeline in order: the remote side then keeps the working dir (we still need it)."""
-    try:
-        process.stdin.write(b"bye\n")
-        process.stdin.write_eof()
-    except (OSError, asyncssh.Error):
-        pass  # already gone
-
-
-class RemoteProcess:
-    """A supervised long-running python process on a runtime (a Dask server).
-
-    Created by :meth:`Runtime.start_server`. Its stdin is the lifeline: a ``stop`` line asks for
-    a graceful close; closing the channel (or the manager dying) kills the remote process group.
-
-    Args:
-        runtime: The runtime it runs on.
-        process: The asyncssh process.
-        name: A label for logs and errors.
-        debug: Whether to print its output live.
-        python: The interpreter it runs on (named in errors).
-    """
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        process: asyncssh.SSHClientProcess,
-        name: str,
-        debug: bool,
-        python: str,
-    ) -> None:
-        self.runtime = runtime
-        self.python = python
-        self.name = name
-        self.log: list[str] = []
-        self._process = process
-        self._debug = debug
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._readers = [
-            asyncio.ensure_future(self._read_events()),
-            asyncio.ensure_future(self._read_log()),
-        ]
-
-    async def _read_events(self) -> None:
-        async for line in self._process.stdout:
-            try:
-                await self._events.put(json.loads(line))
-            except ValueError:
-                self.log.append(line.decode(errors="replace").rstrip())
-        await self._events.put({"event": "eof"})
-
-    async def _read_log(self) -> None:
-        async for raw in self._process.stderr:
-            if not raw:  # asyncssh yields an empty read at EOF
-                continue
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.log.append(line)
-            if self._debug:
-                print(f"[{self.runtime.host}:{self.name}] {line}", flush=True)
-
-    async def wait_started(self, timeout: float) -> dict[str, Any]:
-        """Wait for the server's ``started`` message.
-
-        Args:
-            timeout: Seconds to wait.
-
-        Returns:
-            The message (``address``, ``worker_address``, ``pid``).
-
-        Raises:
-            LazyclusterError: If the process fails or exits first, with the host and output tail.
-            TimeoutError: If nothing is heard within ``timeout``.
-        """
-        message = await asyncio.wait_for(self._events.get(), timeout)
-        if message.get("event") == "started":
-            return message
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        detail = message.get("message") or _tail(self.log) or "no output"
-        raise LazyclusterError(
-            f"{self.name} failed to start on host {self.runtime.host!r} "
-            f"(python {self.python!r}):\n{detail}"
-        )
-
-    @property
-    def exited(self) -> bool:
-        """Whether the remote process has ended."""
-        return self._process.is_closing() or self._readers[0].done()
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """Close the server gracefully, then kill its process group if it lingers.
-
-        Args:
-            grace: Seconds to wait for a graceful exit.
-        """
-        if not self.exited:
-            try:
-                self._process.stdin.write(b"stop\n")
-                await asyncio.wait_for(asyncio.shield(self._readers[0]), grace)
-            except (asyncio.TimeoutError, OSError, asyncssh.Error, BrokenPipeError):
-                pass
-        await self.kill()
-
-    async def kill(self) -> None:
-        """Drop the channel: the remote side kills its whole process group."""
-        _say_bye(self._process)
-        self._process.close()
-        try:
-            await asyncio.wait_for(self._process.wait_closed(), 5)
-        except (asyncio.TimeoutError, OSError, asyncssh.Error):
-            pass
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        if self in self.runtime._servers:
-            self.runtime._servers.discard(self)
-            self.runtime._finished_servers.append(self)
-
-
-@dataclass
-class _Step:
-    kind: str  # "command" | "function" | "send_file" | "get_file"
-    args: tuple[Any, ...]
-
-    def describe(self, index: int) -> str:
-        shown = self.args[0].__name__ if self.kind == "function" else self.args[0]
-        return f"{index + 1} ({self.kind} {shown!s})"
-
-
-class RuntimeTask:
-    """A named sequence of steps (commands, functions, file transfers) run on one runtime.
-
-    Steps are added with the chainable methods and run in order by
-    :meth:`Runtime.execute_task` or :meth:`RuntimeGroup.execute_task`; the first failing step
-    stops the task with :class:`TaskExecutionError`.
-
-    Args:
-        name: A name for logs; a unique one is generated when omitted.
-    """
-
-    def __init__(self, name: str | None = None) -> None:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {name!r}")
-        self.name = name or f"task-{uuid.uuid4().hex[:8]}"
-        self._steps: list[_Step] = []
-        self._log: list[str] = []
-        self._returns: list[Any] = []
-        self._future: concurrent.futures.Future[None] | None = None
-        self.host: str | None = None
-
-    def __repr__(self) -> str:
-        return f"<RuntimeTask {self.name!r}: {len(self._steps)} steps, host={self.host!r}>"
-
-    def run_command(self, command: str) -> RuntimeTask:
-        """Add a shell command step, run in the runtime's working directory.
-
-        Args:
-            command: The shell command.
-
-        Returns:
-            The task itself, for chaining.
-
-        Raises:
-            ValueError: If the command is empty or not a str.
-        """
-        if not isinstance(command, str) or not command.strip():
-            raise ValueError(f"command must be a non-empty str, got {command!r}")
-        self._steps.append(_Step("command", (command,)))
-        return self
-
-    def run_function(self, function: Callable[..., Any], **func_kwargs: Any) -> RuntimeTask:
-        """Add a step that calls a Python function on the runtime (pickled with cloudpickle).
-
-        Its return value is appended to :attr:`function_returns`.
-
-        Args:
-            function: The function to call.
-            **func_kwargs: Keyword arguments for it.
-
-        Returns:
-            The task itself, for chaining.
-
-        Raises:
-            TypeError: If ``function`` is not callable.
-        """
-        if not callable(function):
-            raise TypeError(f"function must be callable, got {function!r}")
-        self._steps.append(_Step("function", (function, func_kwargs)))
-        return self
-
-    def send_file(self, local_path: str, remote_path: str | None = None) -> RuntimeTask:
-        """Add a step that copies a local file or directory to the runtime.
-
-        Args:
-            local_path: The local path.
-            remote_path: Where to put it; relative paths and None mean the working directory.
-
-        Returns:
-            The task itself, for chaining.
-
-        Raises:
-            ValueError: If ``local_path`` does not exist.
-        """
-        if not os.path.exists(local_path):
-            raise ValueError(f"local_path {local_path!r} does not exist")
-        self._steps.append(_Step("send_file", (local_path, remote_path)))
-        return self
-
-    def get_file(self, remote_path: str, local_path: str | None = None) -> RuntimeTask:
-        """Add a step that copies a file or directory from the runtime to the manager.
-
-        Args:
-            remote_path: The remote path; relative to the working directory unless absolute.
-            local_path: Where to put it locally; defaults to the current directory.
-
-        Returns:
-            The task itself, for chaining.
-
-        Raises:
-            ValueError: If ``remote_path`` is empty.
-        """
-        if not isinstance(remote_path, str) or not remote_path:
-            raise ValueError(f"remote_path must be a non-empty str, got {remote_path!r}")
-        self._steps.append(_Step("get_file", (remote_path, local_path)))
-        return self
-
-    def copy(self) -> RuntimeTask:
-        """Return a fresh task with the same steps (used to run one task on many runtimes).
-
-        Returns:
-            The copy, not yet executed.
-        """
-        twin = RuntimeTask(self.name)
-        twin._steps = copy.copy(self._steps)
-        return twin
-
-    @property
-    def execution_log(self) -> list[str]:
-        """Lines of output and step headers recorded so far."""
-        return list(self._log)
-
-    @property
-    def function_returns(self) -> Iterator[Any]:
-        """The return values of the task's function steps, in order."""
-        yield from self._returns
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the task is executing right now."""
-        return self._future is not None and not self._future.done()
-
-    def print_log(self) -> None:
-        """Print the execution log to stdout."""
-        for line in self._log:
-            print(line)
-
-    def join(self) -> None:
-        """Wait for an asynchronous execution to finish.
-
-        Raises:
-            TaskExecutionError: If a step failed.
-        """
-        if self._future is not None:
-            self._future.result()
-
-    def _record(self, line: str, debug: bool) -> None:
-        self._log.append(line)
-        if debug:
-            print(f"[{self.host}] {line}", flush=True)
 
 
 class Runtime:
