@@ -192,6 +192,54 @@ def serve(request: dict[str, Any]) -> None:
     os._exit(0)
 
 
+def warm(request: dict[str, Any]) -> None:
+    """Import distributed now, then wait for one serve request line and serve it.
+
+    The manager starts these ahead of need, so a worker's start skips the interpreter start-up
+    and imports. With ``forkserver`` the nanny's fork server is started (and preloads
+    distributed) too, so the worker process is a fork instead of a fresh interpreter.
+    """
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    if request.get("forkserver"):
+        os.environ["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] = "forkserver"
+
+    def preload() -> None:
+        try:
+            import distributed  # noqa: F401
+
+            if request.get("forkserver"):
+                import multiprocessing.forkserver
+
+                from distributed.utils import get_mp_context
+
+                get_mp_context()  # registers distributed's preload list first
+                multiprocessing.forkserver.ensure_running()
+        except BaseException:
+            pass  # serve() reports import problems with the full traceback
+
+    loader = threading.Thread(target=preload, name="lazycluster-preload", daemon=True)
+    loader.start()
+    line = sys.stdin.buffer.readline()
+    if not line.strip() or line.strip() == b"bye":
+        if not line and request.get("cleanup_dir"):  # manager gone without a word
+            import shutil
+
+            shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
+        _kill_group()
+    serve_request = json.loads(line)
+    loader.join()
+    env = serve_request.pop("env", None) or {}
+    os.environ.update(env)
+    if any(key.startswith("DASK_") for key in env):
+        import dask.config
+
+        dask.config.refresh()
+    serve({**request, **serve_request})
+
+
 def reachability(request: dict[str, Any]) -> None:
     """Report whether this host reaches the manager directly, and accept one probe back.
 
@@ -225,7 +273,7 @@ def main() -> None:
     if cwd:
         os.makedirs(cwd, mode=0o700, exist_ok=True)
         os.chdir(cwd)
-    actions = {"probe": probe, "function": run_function, "serve": serve, "reach": reachability}
+    actions = {"probe": probe, "function": run_function, "warm": warm, "reach": reachability}
     actions[request["action"]](request)
 
 

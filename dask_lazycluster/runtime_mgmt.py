@@ -201,12 +201,24 @@ class RuntimeGroup:
         return {r.host: ports for r, ports in zip(runtimes, found, strict=True)}
 
     async def _pick_port(
-        self, ports: int | list[int], runtimes: list[Runtime], check_localhost: bool, argument: str
+        self,
+        ports: int | list[int],
+        runtimes: list[Runtime],
+        check_localhost: bool,
+        argument: str,
+        busy: dict[str, set[int]] | None = None,
     ) -> int:
-        """Apply the port rules over ``runtimes`` (and the manager) and return the port."""
+        """Apply the port rules over ``runtimes`` (and the manager) and return the port.
+
+        ``busy`` is a snapshot of listening ports per host, to spare a round trip per host.
+        """
         single = isinstance(ports, int)
         candidates = validate_ports(ports, argument)
-        busy = await self._busy_ports(runtimes)
+        if busy is None:
+            busy = await self._busy_ports(runtimes)
+        else:
+            wanted = {r.host for r in runtimes}
+            busy = {h: used for h, used in busy.items() if h in wanted}
         for port in candidates:
             where = [h for h, used in busy.items() if port in used]
             if check_localhost and not localhost_has_free_port(port):
@@ -302,17 +314,25 @@ class RuntimeGroup:
     async def _expose_port_from_runtime_to_group(
         self, host: str, runtime_port: int, group_port: int | list[int] | None
     ) -> int:
-        source = self._runtimes[host]
-        others = [r for r in self._runtimes.values() if r is not source]
+        others = [r for r in self._runtimes.values() if r.host != host]
         wanted = runtime_port if group_port is None else group_port
         port = await self._pick_port(wanted, others, True, "group_port")
-        await source._expose_from_runtime(runtime_port, port)
-        try:
-            await self._expose_port_to_runtimes(port, port, [host])
-        except BaseException:
-            await source._close_forward(port)
-            raise
+        await self._forward_to_group(host, runtime_port, port)
         return port
+
+    async def _forward_to_group(self, host: str, runtime_port: int, group_port: int) -> None:
+        """Forward ``group_port`` on the manager and every other runtime to ``host``.
+
+        No free-port check first: a busy port makes the forward itself fail with
+        PortInUseError, and whatever was set up is closed again.
+        """
+        source = self._runtimes[host]
+        await source._expose_from_runtime(runtime_port, group_port)
+        try:
+            await self._expose_port_to_runtimes(group_port, group_port, [host])
+        except BaseException:
+            await source._close_forward(group_port)
+            raise
 
     def expose_port_from_runtime_to_group(
         self, host: str, runtime_port: int, group_port: int | list[int] | None = None

@@ -152,6 +152,7 @@ class Runtime:
         self._wd_ready = False
         self._forwards: dict[int, asyncssh.SSHListener] = {}
         self._servers: set[RemoteProcess] = set()
+        self._warm: list[tuple[str | None, asyncio.Future[RemoteProcess]]] = []
         # Logs of ended servers stay readable by print_log() (bounded: scale cycles add many).
         self._finished_servers: collections.deque[RemoteProcess] = collections.deque(maxlen=100)
         self._tasks: list[RuntimeTask] = []
@@ -249,6 +250,11 @@ class Runtime:
         return self._wd
 
     # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def _working_dir_path(self) -> str:
+        assert self._wd is not None
+        return self._wd
 
     @property
     def host(self) -> str:
@@ -672,6 +678,43 @@ class Runtime:
 
     # -- Dask servers -----------------------------------------------------------------------------
 
+    async def _launch_warm(self, python: str | None, debug: bool, forkserver: bool) -> RemoteProcess:
+        """Start a python that imports distributed at once and then waits for a serve request."""
+        process = await self._connection.create_process(
+            self._python_command(python), encoding=None
+        )
+        server = RemoteProcess(self, process, "warm", debug, python or self.python)
+        self._servers.add(server)
+        self._wd_ready = True  # the remote side creates it (mode 0700)
+        process.stdin.write(self._request("warm", cwd=self._wd, forkserver=forkserver))
+        return server
+
+    async def _prewarm(
+        self, count: int, python: str | None = None, debug: bool = False, forkserver: bool = False
+    ) -> None:
+        """Start ``count`` warm processes in the background (returns at once).
+
+        A Dask server started later takes one, so its imports (and, with ``forkserver``, the
+        nanny's fork server) happen off the critical path.
+        """
+        for _ in range(count):
+            task = asyncio.ensure_future(self._launch_warm(python, debug, forkserver))
+            self._warm.append((python, task))
+
+    @property
+    def _warm_count(self) -> int:
+        return len(self._warm)
+
+    async def _drain_warm(self) -> None:
+        """Stop every warm process not taken yet."""
+        pending, self._warm = self._warm, []
+        for _, task in pending:
+            task.cancel()
+        results = await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+        await asyncio.gather(
+            *(r.kill() for r in results if isinstance(r, RemoteProcess)), return_exceptions=True
+        )
+
     async def start_server(
         self,
         name: str,
@@ -684,7 +727,8 @@ class Runtime:
     ) -> RemoteProcess:
         """Start a Dask server (Nanny/Worker) on the host and return its handle (coroutine).
 
-        Must run on the SSH loop (the cluster layer awaits it through ``on_loop``).
+        Uses a warm process when one is ready or on its way (see ``_prewarm``). Must run on the
+        SSH loop (the cluster layer awaits it through ``on_loop``).
 
         Args:
             name: Label for logs.
@@ -698,15 +742,18 @@ class Runtime:
         Returns:
             The supervised process; await ``wait_started`` for readiness.
         """
-        wd = await self._ensure_working_dir()
-        process = await self._connection.create_process(
-            self._python_command(python), encoding=None
-        )
-        server = RemoteProcess(self, process, name, debug, python or self.python)
-        self._servers.add(server)
-        process.stdin.write(
-            self._request("serve", env, cwd=wd, cls=cls, scheduler=scheduler, options=options)
-        )
+        server: RemoteProcess | None = None
+        for index, (warm_python, task) in enumerate(self._warm):
+            if warm_python == python:
+                del self._warm[index]
+                server = await task
+                break
+        if server is None:
+            server = await self._launch_warm(python, debug, False)
+        server.name = name
+        server._debug = debug
+        request = {"cls": cls, "scheduler": scheduler, "options": options, "env": env or {}}
+        server._process.stdin.write(json.dumps(request).encode() + b"\n")
         return server
 
     # -- cleanup --------------------------------------------------------------------------------
@@ -716,6 +763,7 @@ class Runtime:
             return
         self._closed = True
         _live_runtimes.discard(self)
+        await self._drain_warm()
         await asyncio.gather(*(s.kill() for s in list(self._servers)), return_exceptions=True)
         for port in list(self._forwards):
             listener = self._forwards.pop(port)

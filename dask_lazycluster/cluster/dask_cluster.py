@@ -79,7 +79,11 @@ class LocalMasterLauncher(MasterLauncher):
             NoPortsLeftError: If no port of the list is free.
         """
         group = self.runtime_group
-        self._port = run_sync(on_loop(group._pick_port(ports, group.runtimes, True, "master_port")))
+        cluster = self._cluster() if self._cluster else None
+        snapshot = cluster._busy_by_host if cluster is not None else None
+        self._port = run_sync(
+            on_loop(group._pick_port(ports, group.runtimes, True, "master_port", snapshot))
+        )
         self._timeout = timeout
         return [] if isinstance(ports, int) else [p for p in ports if p != self._port]
 
@@ -288,6 +292,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         ):
             raise ValueError(f"max_workers_per_host must be an int >= 1, got {self._max_per_host!r}")
         self._start_timeout = float(dask.config.get("lazycluster.worker-start-timeout"))
+        self._warm_spares = int(dask.config.get("lazycluster.warm-spares"))
         self._debug = debug
         self._owns_group = runtime_group is None
         if runtime_group is None:
@@ -319,6 +324,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             initial = self._plan_workers(
                 runtime_group.runtime_count if n_workers is None else n_workers, {}
             )
+            # Remote interpreters start importing now, while the scheduler starts here.
+            self._prewarm(Counter(self._hosts_of[name] for name in initial), forkserver=False)
             listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
             scheduler = self._master_launcher_spec(listen, sched_options)
             # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
@@ -352,8 +359,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         for launcher in (master, workers):
             if isinstance(launcher, LocalMasterLauncher | RoundRobinLauncher):
                 launcher._cluster = weakref.ref(self)
-        busy = run_sync(on_loop(self._group._busy_ports(self._group.runtimes)))
-        self._busy_snapshot = set().union(*busy.values()) if busy else set()
+        # One snapshot of every host's listening ports serves the master and all worker ports.
+        self._busy_by_host = run_sync(on_loop(self._group._busy_ports(self._group.runtimes)))
+        self._busy_snapshot = set().union(*self._busy_by_host.values())
 
     def _master_launcher_spec(self, listen: str, options: dict[str, Any]) -> dict[str, Any]:
         launcher = self._master_launcher
@@ -577,8 +585,30 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             chosen.append(victim)
         return chosen
 
+    def _prewarm(self, per_host: Counter[str], forkserver: bool) -> None:
+        runtimes = [self._group.get_runtime(h) for h in per_host]
+        run_sync(on_loop(_gather(*(
+            r._prewarm(per_host[r.host], self._python, self._debug, forkserver) for r in runtimes
+        ))))
+
+    async def _refill_spares(self) -> None:
+        """Keep ``warm-spares`` warm processes per host for the next scale-up."""
+        nanny = self._worker_class.rsplit(".", 1)[-1] == "Nanny"
+        await _gather(*(
+            r._prewarm(self._warm_spares - r._warm_count, self._python, self._debug, nanny)
+            for r in self._group.runtimes
+            if r._warm_count < self._warm_spares
+        ))
+
+    async def _correct_state_internal(self) -> None:
+        await SpecCluster._correct_state_internal(self)
+        if self.status == Status.running and self._warm_spares > 0:
+            await on_loop(self._refill_spares())
+
     async def _close(self) -> None:
         await SpecCluster._close(self)
+        with suppress(Exception):
+            await on_loop(_gather(*(r._drain_warm() for r in self._group.runtimes)))
         if self.master_port is not None:
             with suppress(Exception):
                 await on_loop(self._group._close_port(self.master_port))

@@ -100,7 +100,7 @@ class RemoteWorker(ProcessInterface):
         runtime = group.get_runtime(self.host)
         worker_port = self.ports[0]
         if ("group", worker_port) not in self._tunnels:
-            await group._expose_port_from_runtime_to_group(self.host, worker_port, worker_port)
+            await group._forward_to_group(self.host, worker_port, worker_port)
             self._tunnels.append(("group", worker_port))
         if self._nanny and len(self.ports) > 1 and ("local", self.ports[1]) not in self._tunnels:
             # Only the scheduler talks to a nanny: the manager needs it, the runtimes do not.
@@ -126,7 +126,7 @@ class RemoteWorker(ProcessInterface):
             else:
                 scheduler = f"tcp://{runtime.local_address}:{scheduler_port}"
                 options["host"] = runtime.remote_address
-            options.setdefault("local_directory", await runtime._ensure_working_dir())
+            options.setdefault("local_directory", runtime._working_dir_path)
             self.process = await runtime.start_server(
                 self.name, self._worker_class, scheduler, options, self._env, self._debug,
                 self._python,

@@ -1,0 +1,534 @@
+"""Command line interface: ``dask lazycluster ...`` (Dask CLI plugin) and ``dask-lazycluster``.
+
+Subcommands: ``list-runtimes`` (host discovery), ``check`` (is a host ready for Dask?), ``up``
+(run a cluster until Ctrl-C), ``add-runtime`` / ``delete-runtime`` (edit ``~/.ssh/config``).
+
+Errors print one line to stderr and exit with status 1. Heavy imports (distributed, asyncssh)
+happen inside the commands, since ``dask`` loads this module for every invocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from dask_lazycluster.cluster.dask_cluster import DaskCluster
+    from dask_lazycluster.runtimes import Runtime
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SSH_CONFIG = "~/.ssh/config"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+
+
+def _fail(message: str) -> NoReturn:
+    """Print ``message`` as one line to stderr and exit with status 1."""
+    click.echo(f"Error: {' '.join(str(message).split())}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+class _Command(click.Command):
+    """A command whose usage errors are one line on stderr and exit status 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            _fail(f"{ctx.command_path}: {exc.format_message()}")
+
+
+class _Group(click.Group):
+    """The ``lazycluster`` group, with the same error convention as its commands."""
+
+    command_class = _Command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            _fail(f"{ctx.command_path}: {exc.format_message()}")
+
+
+def _reports_errors(func: F) -> F:
+    """Turn the errors a user can act on into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dask_lazycluster.exceptions import LazyclusterError
+
+        try:
+            return func(*args, **kwargs)
+        except (LazyclusterError, ValueError, TypeError, OSError) as exc:
+            _fail(str(exc) or type(exc).__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(cls=_Group, name="lazycluster", context_settings={"help_option_names": ["-h", "--help"]})
+def lazycluster() -> None:
+    """Dask clusters on any machines you can ssh into (dask-lazycluster)."""
+
+
+# -- list-runtimes ---------------------------------------------------------------------------
+
+
+@lazycluster.command("list-runtimes")
+@click.option("-l", "--long", "long_format", is_flag=True,
+              help="Show cores, memory, GPUs and python of each host.")
+@click.option("--ssh-config", metavar="PATH", default=None,
+              help="SSH config to read instead of ~/.ssh/config.")
+@_reports_errors
+def list_runtimes(long_format: bool, ssh_config: str | None) -> None:
+    """List the hosts of the SSH config that can serve as runtimes, and those that cannot."""
+    from dask.utils import format_bytes
+
+    from dask_lazycluster.runtime_manager import RuntimeManager
+
+    manager = RuntimeManager(ssh_config=ssh_config)
+    try:
+        click.echo(f"Active hosts ({len(manager.hosts)}):")
+        if long_format:
+            rows = [["HOST", "CORES", "MEMORY", "GPUS", "PYTHON", "DISTRIBUTED"]]
+            for runtime in manager.runtimes:
+                info = runtime.info
+                rows.append([
+                    runtime.host, str(runtime.cpu_cores), format_bytes(runtime.memory),
+                    str(len(runtime.gpus)), f"{runtime.python} ({info.get('python_version')})",
+                    str(info.get("distributed_version") or "-"),
+                ])
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        else:
+            for host in manager.hosts:
+                click.echo(f"  {host}")
+        click.echo(f"Inactive hosts ({len(manager.inactive_hosts)}):")
+        for host, reason in manager.inactive_reasons.items():
+            click.echo(f"  {host}: {reason}" if long_format else f"  {host}")
+    finally:
+        manager.cleanup()
+
+
+# -- check -----------------------------------------------------------------------------------
+
+_DISTRIBUTED_VERSION = "import distributed; print(distributed.__version__)"
+
+
+async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str], str | None]:
+    """Report lines for one connected runtime, and why it is unusable (None: usable)."""
+    result = await runtime._connection.run(
+        shlex.join([runtime.python, "-c", _DISTRIBUTED_VERSION]), check=False, timeout=60
+    )
+    info = runtime.info
+    lines = [f"python       {runtime.python} ({info.get('python_version')})"]
+    problem = None
+    if result.exit_status == 0:
+        version = str(result.stdout).strip().splitlines()[-1]
+        import distributed
+
+        note = "" if version == distributed.__version__ else (
+            f" (the manager has {distributed.__version__}: versions should match)")
+        lines.append(f"distributed  {version}{note}")
+    else:
+        error = str(result.stderr).strip().splitlines()
+        lines.append("distributed  not importable")
+        problem = (f"{runtime.python} cannot import distributed"
+                   f"{': ' + error[-1] if error else ''}")
+    busy = await runtime._listening_ports()
+    for port in ports:
+        lines.append(f"port {port:<7} {'in use' if port in busy else 'free'}")
+    return lines, problem
+
+
+async def _check_hosts(
+    hosts: list[str], python: str | None, options: dict[str, Any], ports: list[int]
+) -> list[tuple[list[str], str | None]]:
+    from dask_lazycluster.exceptions import InvalidRuntimeError
+    from dask_lazycluster.runtimes import Runtime
+
+    async def one(host: str) -> tuple[list[str], str | None]:
+        try:
+            runtime = await Runtime._create(host, None, options, python)
+        except InvalidRuntimeError as exc:
+            return [], exc.cause
+        try:
+            return await _check_runtime(runtime, ports)
+        except Exception as exc:
+            return [], f"check failed: {exc}"
+        finally:
+            await runtime._cleanup()
+
+    return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+
+@lazycluster.command("check")
+@click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
+@click.option("--python", default=None, metavar="PATH",
+              help="Remote python to check (default: lazycluster.python, else found per host).")
+@_reports_errors
+def check(hosts: tuple[str, ...], python: str | None) -> None:
+    """Check that each HOST can run Dask workers: SSH, python, distributed, default ports.
+
+    Exits with status 1 if any host is unusable.
+    """
+    import dask.config
+
+    from dask_lazycluster._loop import run_sync
+    from dask_lazycluster.config import config_value
+
+    options = dict(config_value("connect-options") or {})
+    options.setdefault("connect_timeout", 10)
+    scheduler_port = int(config_value("master-port") or 8786)
+    ports = [scheduler_port, int(dask.config.get("lazycluster.port-range")[0])]
+    names = list(dict.fromkeys(hosts))
+    results = run_sync(_check_hosts(names, config_value("python", python), options, ports))
+    failed = 0
+    for host, (lines, problem) in zip(names, results, strict=True):
+        click.echo(f"{host}: {'ok' if problem is None else 'UNUSABLE'}")
+        for line in lines:
+            click.echo(f"  {line}")
+        if problem is not None:
+            failed += 1
+            click.echo(f"Error: host {host!r}: {' '.join(problem.split())}", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+# -- up --------------------------------------------------------------------------------------
+
+
+def _parse_adapt(ctx: click.Context, param: click.Parameter, value: str | None
+                 ) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+    if not match or int(match.group(1)) > int(match.group(2)):
+        raise click.BadParameter(f"expected MIN:MAX with 0 <= MIN <= MAX, got {value!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Stop:
+    """Turns SIGTERM into KeyboardInterrupt (like SIGINT) and remembers which signal came."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+
+def _start_workers(cluster: DaskCluster, target: int, show_progress: bool) -> None:
+    """Scale to ``target`` workers and wait until they run, showing progress on a terminal."""
+    cluster.scale(target)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            cluster.sync(cluster._correct_state)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait, name="lazycluster-up-wait", daemon=True)
+    waiter.start()
+    shown = -1
+    while waiter.is_alive():
+        ready = len(getattr(cluster.scheduler, "workers", {}))
+        if show_progress and ready != shown:
+            click.echo(f"\rWorkers ready: {ready}/{target}", nl=False)
+            shown = ready
+        waiter.join(0.2)
+    if show_progress:
+        click.echo(f"\rWorkers ready: {len(getattr(cluster.scheduler, 'workers', {}))}/{target}")
+    if errors:
+        raise errors[0]
+
+
+@lazycluster.command("up")
+@click.option("--hosts", "host_lists", multiple=True, metavar="H1,H2,...",
+              help="Hosts to use (comma-separated, repeatable); default: lazycluster.hosts.")
+@click.option("--n-workers", type=click.IntRange(min=0), default=None,
+              help="Workers to start; default: lazycluster.n-workers, else one per host.")
+@click.option("--adapt", callback=_parse_adapt, metavar="MIN:MAX", default=None,
+              help="Scale adaptively between MIN and MAX workers.")
+@click.option("--tunnel", type=click.Choice(["true", "false", "auto"], case_sensitive=False),
+              default=None, help="Networking mode; default: lazycluster.tunnel.")
+@click.pass_context
+@_reports_errors
+def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
+       adapt: tuple[int, int] | None, tunnel: str | None) -> None:
+    """Start a Dask cluster on SSH hosts and keep it running until Ctrl-C or SIGTERM.
+
+    The scheduler runs here; the scheduler address and dashboard link are printed once it
+    is up. Every other setting comes from the lazycluster.* Dask config.
+    """
+    import dask.config
+
+    from dask_lazycluster.cluster.dask_cluster import DaskCluster
+    from dask_lazycluster.config import config_value
+
+    hosts = [h.strip() for value in host_lists for h in value.split(",") if h.strip()]
+    overrides: dict[str, Any] = {"lazycluster.hosts": hosts} if hosts else {}
+    tunnel_mode = {"true": True, "false": False, "auto": "auto"}.get((tunnel or "").lower())
+    stop = _Stop()
+    with dask.config.set(overrides), stop.installed():
+        if not dask.config.get("lazycluster.hosts"):
+            _fail("no hosts given: pass --hosts or set lazycluster.hosts in the Dask config")
+        cluster: DaskCluster | None = None
+        ready = False
+        try:
+            cluster = DaskCluster(n_workers=0, tunnel=tunnel_mode)
+            click.echo(f"Scheduler: {cluster.scheduler_address}")
+            click.echo(f"Dashboard: {cluster.dashboard_link or 'not available (install bokeh)'}")
+            if n_workers is not None:
+                target = n_workers
+            elif adapt is not None:
+                target = adapt[0]
+            else:
+                configured = config_value("n-workers")
+                target = cluster.runtime_group.runtime_count if configured is None else configured
+            _start_workers(cluster, target, sys.stdout.isatty())
+            if adapt is not None:
+                cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+            hosts_used = ", ".join(cluster.runtime_group.hosts)
+            click.echo(f"Ready: {len(cluster.workers)} worker(s) on {hosts_used}"
+                       + (f", adapting between {adapt[0]} and {adapt[1]}" if adapt else ""))
+            click.echo("Press Ctrl-C to stop.")
+            ready = True
+            from distributed.core import Status
+
+            while cluster.status == Status.running:
+                time.sleep(0.5)
+            _fail("the cluster stopped by itself")
+        except KeyboardInterrupt:
+            # A second signal while closing ends the process at once (remote processes still
+            # die with their SSH channels).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            name = signal.Signals(stop.signum or signal.SIGINT).name
+            click.echo(f"\n{name} received: closing the cluster (again to force) ...")
+        finally:
+            if cluster is not None:
+                cluster.close()
+                click.echo("Closed.")
+        if not ready:
+            ctx.exit(128 + (stop.signum or signal.SIGINT))
+
+
+# -- add-runtime / delete-runtime --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked_ssh_config() -> Iterator[str]:
+    """Yield the path of ``~/.ssh/config`` (``~/.ssh`` created 0700), holding a lock on ``~/.ssh``."""
+    import fcntl
+
+    path = os.path.expanduser(SSH_CONFIG)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
+        os.chmod(directory, 0o700)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def _write_ssh_config(path: str, text: str) -> str | None:
+    """Back the config up, then replace it atomically (mode 0600); return the backup's path."""
+    target = os.path.realpath(path)
+    backup = None
+    if os.path.exists(target):
+        backup = f"{path}.bak"
+        shutil.copy2(target, backup)
+        os.chmod(backup, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=".config.", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return backup
+
+
+def _read(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _parse_target(target: str) -> tuple[str | None, str, int | None]:
+    """Split ``[user@]host[:port]`` (IPv6 in brackets when a port follows)."""
+    user, _, rest = target.rpartition("@")
+    port: int | None = None
+    host = rest
+    if rest.startswith("[") and "]" in rest:
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise ValueError(f"cannot parse {target!r} as user@host[:port]")
+            port = _port(tail[1:], target)
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+        port = _port(port_text, target)
+    if (user and not _USER.fullmatch(user)) or "@" in target and not user:
+        raise ValueError(f"invalid user name in {target!r}")
+    if not host or not _HOST.fullmatch(host):
+        raise ValueError(f"invalid host in {target!r} (expected user@host[:port])")
+    return user or None, host, port
+
+
+def _port(text: str, target: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"invalid port in {target!r}: {text!r}")
+    return int(text)
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+@lazycluster.command("add-runtime")
+@click.argument("name")
+@click.argument("target", metavar="USER@HOST[:PORT]")
+@click.option("--id-file", default=None, metavar="PATH", help="Private key for this host.")
+@_reports_errors
+def add_runtime(name: str, target: str, id_file: str | None) -> None:
+    """Add a Host entry NAME for USER@HOST[:PORT] to ~/.ssh/config (a backup is kept).
+
+    The entry goes before the first wildcard Host (or Match) block, so that defaults set
+    there do not override it.
+    """
+    from dask_lazycluster.runtime_manager import _WILDCARD, _split_line, ssh_config_hosts
+
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid runtime name {name!r}: use letters, digits, '.', '_', '-'")
+    user, host, port = _parse_target(target)
+    lines = [f"Host {name}", f"    HostName {host}"]
+    if user:
+        lines.append(f"    User {user}")
+    if port is not None:
+        lines.append(f"    Port {port}")
+    if id_file is not None:
+        key = os.path.abspath(os.path.expanduser(id_file))
+        if not os.path.isfile(key):
+            raise ValueError(f"--id-file {id_file!r} does not exist")
+        lines.append(f"    IdentityFile {_quote(key)}")
+    with _locked_ssh_config() as path:
+        if os.path.exists(path) and name in ssh_config_hosts(path):
+            raise ValueError(f"a Host entry {name!r} already exists in {path} (or a file it includes)")
+        existing = _read(path)
+        at = len(existing)
+        for index, line in enumerate(existing):
+            parsed = _split_line(line)
+            if parsed and (parsed[0] == "match" or (
+                    parsed[0] == "host" and any(_WILDCARD.search(p) for p in parsed[1]))):
+                at = index
+                break
+        before, after = existing[:at], existing[at:]
+        if before and before[-1].strip():
+            before.append("")
+        block = lines + ([""] if after else [])
+        backup = _write_ssh_config(path, "\n".join(before + block + after) + "\n")
+    click.echo(f"Added Host {name} ({target}) to {path}"
+               + (f" (backup: {backup})" if backup else ""))
+    click.echo(f"Its host key must be in ~/.ssh/known_hosts: connect once with `ssh {name}`.")
+
+
+def _block_ranges(lines: list[str], name: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """Line ranges of the ``Host name`` blocks, and other Host lines that also name it."""
+    from dask_lazycluster.runtime_manager import _split_line
+
+    starts = []
+    for index, line in enumerate(lines):
+        parsed = _split_line(line)
+        if parsed and parsed[0] in ("host", "match"):
+            starts.append((index, parsed))
+    ranges, shared = [], []
+    for i, (start, (keyword, args)) in enumerate(starts):
+        if keyword != "host" or name not in args:
+            continue
+        if args != [name]:
+            shared.append(lines[start].strip())
+            continue
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(lines)
+        # Unindented comments and blank lines at the end belong to what follows.
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
+            end -= 1
+        ranges.append((start, end))
+    return ranges, shared
+
+
+@lazycluster.command("delete-runtime")
+@click.argument("name")
+@_reports_errors
+def delete_runtime(name: str) -> None:
+    """Remove the Host entry NAME from ~/.ssh/config (a backup is kept)."""
+    with _locked_ssh_config() as path:
+        lines = _read(path)
+        ranges, shared = _block_ranges(lines, name)
+        if shared:
+            raise ValueError(f"{name!r} shares a Host line with other hosts in {path} "
+                             f"({shared[0]!r}): edit it by hand")
+        if not ranges:
+            raise ValueError(f"no Host entry {name!r} in {path}")
+        for start, end in reversed(ranges):
+            del lines[start:end]
+            # Do not leave two blank lines (or a trailing one) where the block was.
+            if start < len(lines) and not lines[start].strip() and (
+                    start == 0 or not lines[start - 1].strip()):
+                del lines[start]
+            elif start == len(lines) and start > 0 and not lines[start - 1].strip():
+                del lines[start - 1]
+        backup = _write_ssh_config(path, "\n".join(lines) + ("\n" if lines else ""))
+    click.echo(f"Removed Host {name} from {path} (backup: {backup})")
+
+
+def main() -> None:
+    """Run the ``dask-lazycluster`` console script."""
+    lazycluster.main(prog_name="dask-lazycluster")
+
+
+if __name__ == "__main__":
+    main()
