@@ -174,7 +174,7 @@ def test_user_errors_raise_synchronously_and_leave_nothing(hosts: TestHosts,
     few = [free_port() for _ in range(3)]
     with pytest.raises(NoPortsLeftError):
         DaskCluster(group, ports=few, tunnel=True)  # 3 nannies need 6 ports
-    assert ours_left(hosts) == {}
+    assert wait_no_leftovers(hosts) == {}
 
 
 def test_port_exhaustion_from_scale_and_start_workers(netns: TestHosts,
@@ -276,3 +276,41 @@ def test_cluster_from_config_owns_and_closes_its_group(hosts: TestHosts,
         wait_workers(client, 1)
         runtimes = cluster.runtime_group.runtimes
     assert all(r._closed for r in runtimes)
+
+
+def test_prologue_runs_once_per_host_and_failures_name_the_host(
+        hosts: TestHosts, group: RuntimeGroup) -> None:
+    from dask_lazycluster import TaskExecutionError
+
+    with DaskCluster(group, n_workers=1, prologue="echo prepared > prologue.txt") as cluster:
+        with Client(cluster) as client:
+            wait_workers(client, 1)
+            assert client.run(lambda: open("prologue.txt").read().strip()) == {
+                a: "prepared" for a in client.scheduler_info()["workers"]}
+    with pytest.raises(TaskExecutionError, match="no-such-installer"):
+        DaskCluster(group, prologue="no-such-installer --all")
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_scale_by_memory_and_debug_output(hosts: TestHosts, group: RuntimeGroup,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    with DaskCluster(group, n_workers=0, worker_class="distributed.Worker",
+                     worker_options={"memory_limit": "1GiB", "nthreads": 1}, debug=True) as cluster:
+        with Client(cluster) as client:
+            cluster.scale(memory="2.5GiB")
+            wait_workers(client, 3)
+            cluster.scale(cores=2)  # never scales down below what memory= asked before
+            assert len(cluster.worker_spec) == 2
+    assert "Start worker at" in capfd.readouterr().out  # remote output streamed live
+
+
+def test_interpreter_exit_without_close_leaves_nothing(hosts: TestHosts) -> None:
+    script = (
+        "from dask_lazycluster import DaskCluster, RuntimeGroup\n"
+        f"cluster = DaskCluster(RuntimeGroup(hosts={hosts.names!r}), tunnel=False)\n"
+        "print('ready', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ})
+    assert done.returncode == 0 and "ready" in done.stdout, done.stderr[-2000:]
+    assert wait_no_leftovers(hosts, timeout=30) == {}

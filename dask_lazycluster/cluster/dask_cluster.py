@@ -35,7 +35,7 @@ from dask_lazycluster.cluster.runtime_cluster import (
 from dask_lazycluster.config import config_value
 from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
-from dask_lazycluster.runtimes import Runtime
+from dask_lazycluster.runtimes import Runtime, RuntimeTask
 from dask_lazycluster.utils import localhost_has_free_port
 
 logger = logging.getLogger(__name__)
@@ -231,6 +231,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         death_timeout: Seconds (or a Dask time string) a worker survives without scheduler.
         max_workers_per_host: Most workers on one host.
         env: Environment variables for the workers.
+        prologue: Shell command run once on every host before any worker starts (e.g.
+            ``"pip install -q -r requirements.txt"``); nothing is installed unless you ask.
         debug: Print remote output live.
         asynchronous: Use with ``await`` / ``async with`` in a running loop.
         **kwargs: Passed to ``SpecCluster`` (``name``, ``security``, ``silence_logs``...).
@@ -242,6 +244,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         PortInUseError: If ``master_port`` is given and busy.
         NoPortsLeftError: If the ports cannot serve the scheduler and ``n_workers`` workers.
         MasterStartError: If the scheduler cannot start.
+        TaskExecutionError: If the prologue fails on a host.
         LazyclusterError: If a worker cannot start (host and cause named).
     """
 
@@ -264,6 +267,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         death_timeout: float | str | None = None,
         max_workers_per_host: int | None = None,
         env: dict[str, str] | None = None,
+        prologue: str | None = None,
         debug: bool = False,
         asynchronous: bool = False,
         **kwargs: Any,
@@ -318,6 +322,12 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             MasterWorkerCluster.__init__(
                 self, runtime_group, ports, master_launcher, worker_launcher
             )
+            prologue = config_value("prologue", prologue)
+            if prologue:
+                if not isinstance(prologue, str):
+                    raise TypeError(f"prologue must be a shell command str, got {prologue!r}")
+                runtime_group.execute_task(RuntimeTask("prologue").run_command(prologue),
+                                           broadcast=True, execute_async=False, debug=debug)
             self._init_state(master_launcher, worker_launcher)
             self.start_master(master_port)
             # Everything a user can get wrong is checked here, before any process starts.
