@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
 import os
 import re
 import shlex
@@ -24,6 +25,8 @@ from dask_lazycluster.config import config_value
 from dask_lazycluster.exceptions import InvalidRuntimeError, NoRuntimesDetectedError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup, _connect_all
 from dask_lazycluster.runtimes import Runtime
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 #: Seconds a host may take to connect and answer the probe during discovery.
@@ -131,8 +134,10 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _run_checked(runtime: Runtime, command: str, timeout: float) -> tuple[int | None, str]:
-    """Run ``command`` on the runtime's host; return its exit status (None: timed out) and output.
+async def _run_checked(
+    runtime: Runtime, command: str, timeout: float
+) -> tuple[int | None, str, str]:
+    """Run ``command`` on the runtime's host; return exit status (None: timed out), stdout, stderr.
 
     The command runs behind a lifeline, so nothing of it survives a timeout.
     """
@@ -142,11 +147,10 @@ async def _run_checked(runtime: Runtime, command: str, timeout: float) -> tuple[
     try:
         result = await asyncio.wait_for(process.wait(), timeout)
     except (asyncio.TimeoutError, TimeoutError):
-        return None, ""
+        return None, "", ""
     finally:
         process.close()
-    output = f"{result.stdout or ''}{result.stderr or ''}".strip()
-    return result.exit_status, output
+    return result.exit_status, str(result.stdout or ""), str(result.stderr or "")
 
 
 async def _requirement_failures(
@@ -157,7 +161,7 @@ async def _requirement_failures(
     checks = []
     if executables:
         words = " ".join(shlex.quote(e) for e in executables)
-        script = f'for e in {words}; do command -v "$e" >/dev/null 2>&1 || echo "$e"; done'
+        script = f'for e in {words}; do command -v "$e" >/dev/null 2>&1 || echo "missing:$e"; done'
         checks.append(_run_checked(runtime, script, timeout))
     checks.extend(_run_checked(runtime, c, timeout) for c in commands)
     try:
@@ -165,18 +169,27 @@ async def _requirement_failures(
     except (OSError, asyncssh.Error) as exc:
         return [f"checks failed: {exc}"]
     if executables:
-        status, output = results.pop(0)
+        status, out, err = results.pop(0)
+        missing = [line[8:] for line in out.splitlines() if line.startswith("missing:")]
         if status is None:
             reasons.append(f"looking for executables timed out after {timeout:g} s")
-        elif output:
-            reasons.append(f"missing executable(s) {', '.join(output.split())}")
-    for command, (status, output) in zip(commands, results, strict=True):
+        elif missing:
+            reasons.append(f"missing executable(s) {', '.join(missing)}")
+        elif status != 0:
+            reasons.append(f"looking for executables failed (exit {status}): {_last_line(err)}")
+    for command, (status, out, err) in zip(commands, results, strict=True):
         if status is None:
             reasons.append(f"filter command {command!r} timed out after {timeout:g} s")
         elif status != 0:
-            tail = f": {output.splitlines()[-1][:200]}" if output else ""
-            reasons.append(f"filter command {command!r} exited with {status}{tail}")
+            tail = _last_line(err) or _last_line(out)
+            reasons.append(f"filter command {command!r} exited with {status}"
+                           + (f": {tail}" if tail else ""))
     return reasons
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1][:200] if lines else ""
 
 
 class RuntimeManager:
@@ -404,6 +417,9 @@ class RuntimeManager:
             for runtime, why in zip(remaining, failures, strict=True):
                 reasons[runtime.host].extend(why)
         selected = [r for r in candidates if not reasons[r.host]]
+        for host, why in reasons.items():
+            if why:
+                logger.info("create_group leaves %s out: %s", host, "; ".join(why))
         if not selected:
             detail = "; ".join(f"{h}: {', '.join(why)}" for h, why in reasons.items())
             raise NoRuntimesDetectedError(f"no runtime meets the requirements ({detail})")
