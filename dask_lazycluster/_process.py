@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -64,14 +65,21 @@ class RemoteProcess:
         ]
 
     async def _read_events(self) -> None:
-        async for line in self._process.stdout:
-            try:
-                await self._events.put(json.loads(line))
-            except ValueError:
-                self.log.append(line.decode(errors="replace").rstrip())
+        try:
+            async for line in self._process.stdout:
+                try:
+                    await self._events.put(json.loads(line))
+                except ValueError:
+                    self.log.append(line.decode(errors="replace").rstrip())
+        except (asyncssh.Error, OSError) as exc:  # the connection dropped under us
+            self.log.append(f"[lazycluster] connection lost: {exc}")
         await self._events.put({"event": "eof"})
 
     async def _read_log(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):  # ends with a lost connection too
+            await self._pump_log()
+
+    async def _pump_log(self) -> None:
         async for raw in self._process.stderr:
             if not raw:  # asyncssh yields an empty read at EOF
                 continue
@@ -123,13 +131,17 @@ class RemoteProcess:
         await self.kill()
 
     async def kill(self) -> None:
-        """Drop the channel: the remote side kills its whole process group."""
+        """End the lifeline: the remote side kills its whole process group.
+
+        Waits for the remote process to exit before closing the channel, so a process still
+        starting up cannot create the working dir after cleanup removed it.
+        """
         _say_bye(self._process)
-        self._process.close()
         try:
             await asyncio.wait_for(self._process.wait_closed(), 5)
         except (asyncio.TimeoutError, OSError, asyncssh.Error):
             pass
+        self._process.close()
         await asyncio.gather(*self._readers, return_exceptions=True)
         if self in self.runtime._servers:
             self.runtime._servers.discard(self)

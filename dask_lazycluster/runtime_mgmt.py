@@ -324,12 +324,14 @@ class RuntimeGroup:
         """Forward ``group_port`` on the manager and every other runtime to ``host``.
 
         No free-port check first: a busy port makes the forward itself fail with
-        PortInUseError, and whatever was set up is closed again.
+        PortInUseError, and whatever was set up is closed again. Runtimes whose connection is
+        lost are skipped (their forwards are restored when they reconnect).
         """
         source = self._runtimes[host]
         await source._expose_from_runtime(runtime_port, group_port)
+        skip = [host] + [r.host for r in self._runtimes.values() if not r.is_alive]
         try:
-            await self._expose_port_to_runtimes(group_port, group_port, [host])
+            await self._expose_port_to_runtimes(group_port, group_port, skip)
         except BaseException:
             await source._close_forward(group_port)
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -77,6 +78,18 @@ def _describe_connect_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, OSError):
         return f"cannot connect: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+class _LifelineClient(asyncssh.SSHClient):
+    """Tells its runtime when the connection drops (the runtime may be gone already)."""
+
+    def __init__(self, runtime: weakref.ref[Runtime]) -> None:
+        self._runtime = runtime
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        runtime = self._runtime()
+        if runtime is not None:
+            runtime._connection_lost(exc)
 
 
 class Runtime:
@@ -157,6 +170,9 @@ class Runtime:
         self._finished_servers: collections.deque[RemoteProcess] = collections.deque(maxlen=100)
         self._tasks: list[RuntimeTask] = []
         self._closed = False
+        self._lost = False
+        self._listeners: list[Callable[[str, bool], None]] = []
+        self._reconnector: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected"
@@ -164,12 +180,22 @@ class Runtime:
 
     # -- connection -------------------------------------------------------------------------
 
-    async def _connect(self) -> None:
+    def _ssh_options(self) -> tuple[dict[str, Any], float]:
         options = dict(self._connect_options)
         timeout = float(options.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
         options.setdefault("encryption_algs", _cipher_preference())
-        options.setdefault("keepalive_interval", 10)
+        # A dead host or link is noticed within ~6 s, so its work is rescheduled quickly.
+        options.setdefault("keepalive_interval", 2)
         options.setdefault("keepalive_count_max", 3)
+        if options.get("known_hosts", ()) is None:
+            logger.warning("host key checking is OFF for %s (known_hosts=None): the connection "
+                           "can be intercepted", self._host)
+        ref = weakref.ref(self)
+        options["client_factory"] = lambda: _LifelineClient(ref)
+        return options, timeout
+
+    async def _connect(self) -> None:
+        options, timeout = self._ssh_options()
         try:
             self._conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
         except Exception as exc:
@@ -177,6 +203,7 @@ class Runtime:
         try:
             await asyncio.wait_for(self._probe(), timeout)
         except BaseException as exc:
+            self._closed = True  # a failed probe is no lost connection: do not reconnect
             self._conn.close()
             if isinstance(exc, InvalidRuntimeError):
                 raise
@@ -234,7 +261,71 @@ class Runtime:
     def _connection(self) -> asyncssh.SSHClientConnection:
         if self._conn is None or self._closed:
             raise LazyclusterError(f"runtime {self._host!r} is closed")
+        if self._lost:
+            raise LazyclusterError(
+                f"the SSH connection to host {self._host!r} is lost; reconnecting in the background"
+            )
         return self._conn
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the SSH connection is up (False while lost and reconnecting, or closed)."""
+        return not self._closed and not self._lost and self._conn is not None
+
+    def add_connection_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(host, alive)`` on the SSH loop when the connection drops or returns.
+
+        Args:
+            listener: The callback; it must not block.
+        """
+        self._listeners.append(listener)
+
+    def remove_connection_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Stop calling a listener added with :meth:`add_connection_listener`.
+
+        Args:
+            listener: The callback.
+        """
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self, alive: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self._host, alive)
+            except Exception:  # a listener's bug must not stop the others
+                logger.exception("connection listener failed for %s", self._host)
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        """The SSH connection dropped without our asking: reconnect in the background."""
+        if self._closed or self._lost:
+            return
+        self._lost = True
+        logger.warning("SSH connection to %s lost (%s); reconnecting", self._host, exc or "closed")
+        self._warm = []  # those processes died with the connection
+        self._servers.clear()
+        self._forwards.clear()
+        self._reconnector = asyncio.ensure_future(self._reconnect())
+        self._notify(False)
+
+    async def _reconnect(self) -> None:
+        delay = 1.0
+        while not self._closed:
+            await asyncio.sleep(delay)
+            options, timeout = self._ssh_options()
+            try:
+                conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
+            except Exception as exc:  # keep trying: hosts come back after reboots and outages
+                logger.debug("reconnect to %s failed: %s", self._host, exc)
+                delay = min(delay * 1.5, 5.0)
+                continue
+            if self._closed:
+                conn.close()
+                return
+            self._conn, self._lost = conn, False
+            logger.warning("SSH connection to %s is back", self._host)
+            self._notify(True)
+            return
 
     async def _ensure_working_dir(self) -> str:
         assert self._wd is not None
@@ -697,6 +788,8 @@ class Runtime:
         A Dask server started later takes one, so its imports (and, with ``forkserver``, the
         nanny's fork server) happen off the critical path.
         """
+        if not self.is_alive:
+            return  # a lost host gets no spares; start_server launches fresh once it is back
         for _ in range(count):
             task = asyncio.ensure_future(self._launch_warm(python, debug, forkserver))
             self._warm.append((python, task))
@@ -746,7 +839,10 @@ class Runtime:
         for index, (warm_python, task) in enumerate(self._warm):
             if warm_python == python:
                 del self._warm[index]
-                server = await task
+                try:
+                    server = await task
+                except (LazyclusterError, asyncssh.Error, OSError):
+                    server = None  # that spare died (e.g. with a lost connection): start fresh
                 break
         if server is None:
             server = await self._launch_warm(python, debug, False)
@@ -763,6 +859,10 @@ class Runtime:
             return
         self._closed = True
         _live_runtimes.discard(self)
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+        if self._lost:
+            return  # nothing to stop remotely: the host killed our processes when we vanished
         await self._drain_warm()
         await asyncio.gather(*(s.kill() for s in list(self._servers)), return_exceptions=True)
         for port in list(self._forwards):

@@ -137,17 +137,20 @@ class RoundRobinLauncher(WorkerLauncher):
         """Choose the host of the next worker.
 
         Args:
-            counts: Workers per host, planned ones included.
+            counts: Workers per usable host (hosts whose connection is lost are left out),
+                planned ones included.
             max_per_host: Most workers allowed on one host, or None.
 
         Returns:
             The host name.
 
         Raises:
-            NoPortsLeftError: If every host is full.
+            NoPortsLeftError: If every usable host is full (or none is usable).
         """
-        hosts = self.runtime_group.hosts
-        open_hosts = [h for h in hosts if max_per_host is None or counts.get(h, 0) < max_per_host]
+        hosts = [h for h in self.runtime_group.hosts if h in counts]
+        open_hosts = [h for h in hosts if max_per_host is None or counts[h] < max_per_host]
+        if not hosts:
+            raise NoPortsLeftError("no host is reachable right now to place a worker on")
         if not open_hosts:
             raise NoPortsLeftError(f"every host already runs max-workers-per-host={max_per_host}")
         return min(open_hosts, key=lambda h: counts.get(h, 0))  # min keeps group order on ties
@@ -355,7 +358,11 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
     # -- set-up helpers -------------------------------------------------------------------------
 
     def _init_state(self, master: MasterLauncher, workers: WorkerLauncher) -> None:
+        """Port and placement bookkeeping; one snapshot of the hosts' busy ports."""
         self._allocated: dict[str, list[int]] = {}
+        self._unhealthy: set[str] = set()
+        for runtime in self._group.runtimes:
+            runtime.add_connection_listener(self._on_connection_change)
         self._hosts_of: dict[str, str] = {}
         self._counter = 0
         self._busy_snapshot: set[int] = set()
@@ -405,6 +412,10 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 self._group.cleanup()
 
     async def _start(self) -> None:
+        port = self.master_port
+        if port is not None and not localhost_has_free_port(port) and self.scheduler is None:
+            # Taken since it was chosen (another program): fail clearly rather than late.
+            raise MasterStartError("localhost", port, "the port was taken after it was chosen")
         try:
             await SpecCluster._start(self)
         except Exception as exc:
@@ -453,7 +464,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self, count: int, existing: dict[str, dict[str, Any]]
     ) -> dict[str, dict[str, Any]]:
         """Allocate hosts and ports for ``count`` new workers, all or nothing."""
-        counts = Counter(self._hosts_of[name] for name in existing if name in self._hosts_of)
+        counts = Counter({h: 0 for h in self._group.hosts if h not in self._unhealthy})
+        counts.update(self._hosts_of[n] for n in existing
+                      if n in self._hosts_of and self._hosts_of[n] in counts)
         planned: dict[str, dict[str, Any]] = {}
         try:
             for _ in range(count):
@@ -479,8 +492,10 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         if select is None:
             return RoundRobinLauncher.select_host(launcher, counts, self._max_per_host)  # type: ignore[arg-type]
         host = select(counts, self._max_per_host)
-        if not self._group.contains_runtime(host):
-            raise LazyclusterError(f"worker launcher chose {host!r}, which is not in the group")
+        if host not in counts:
+            raise LazyclusterError(
+                f"worker launcher chose {host!r}, which is not a reachable host of the group"
+            )
         return str(host)
 
     def _worker_spec_for(self, name: str, host: str) -> dict[str, Any]:
@@ -554,9 +569,18 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         Raises:
             ValueError: If ``n`` is negative or not an int.
             NoPortsLeftError: If the ports cannot serve ``n`` workers (nothing is changed).
+            LazyclusterError: If the scheduler died.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
+        if self.status == Status.running and (
+            self.scheduler is None or self.scheduler.status != Status.running
+        ):
+            state = self.scheduler.status.name if self.scheduler is not None else "missing"
+            raise LazyclusterError(
+                f"the scheduler is not running ({state}): close() this cluster (it still "
+                f"stops every worker) and start a new one"
+            )
         if memory is not None:
             n = max(n, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
         if cores is not None:
@@ -610,12 +634,59 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             if r._warm_count < self._warm_spares
         ))
 
+    def _on_connection_change(self, host: str, alive: bool) -> None:
+        """Runtime listener (SSH loop thread): hand the event to the cluster's loop."""
+        if self.status in (Status.running, Status.starting) and self.loop is not None:
+            self.loop.add_callback(self._handle_connection_change, host, alive)
+
+    async def _handle_connection_change(self, host: str, alive: bool) -> None:
+        if alive:
+            self._unhealthy.discard(host)
+            await on_loop(self._restore_tunnels(host))
+            logger.warning("host %s is reachable again; new workers may go there", host)
+            return
+        self._unhealthy.add(host)
+        lost = [n for n in list(self.worker_spec) if self._hosts_of.get(n) == host]
+        logger.warning("host %s lost: removing its workers %s and replacing them elsewhere",
+                       host, lost)
+        by_name = {w["name"]: a for a, w in self.scheduler_info.get("workers", {}).items()}
+        for name in lost:
+            address = by_name.get(name)
+            if address is not None and self.scheduler is not None:
+                # Without this the scheduler waits for TCP timeouts before rescheduling.
+                with suppress(Exception):
+                    await self.scheduler.remove_worker(
+                        address, stimulus_id=f"lazycluster-host-lost-{host}", close=False
+                    )
+            del self.worker_spec[name]
+        try:
+            self.worker_spec.update(self._plan_workers(len(lost), self.worker_spec))
+        except LazyclusterError as exc:
+            logger.warning("cannot replace the workers of %s: %s", host, exc)
+        await self._correct_state()
+
+    async def _restore_tunnels(self, host: str) -> None:
+        """A reconnected host gets back the forwards of the scheduler and of every worker."""
+        if self._tunnel is False or host in self._direct_hosts:
+            return
+        runtime = self._group.get_runtime(host)
+        ports = [self.master_port] + [
+            w.ports[0] for w in self.workers.values()
+            if isinstance(w, RemoteWorker) and w.ports and w.host != host
+        ]
+        for port in ports:
+            if port is not None:
+                with suppress(LazyclusterError):
+                    await runtime._expose_to_runtime(port, port)
+
     async def _correct_state_internal(self) -> None:
         await SpecCluster._correct_state_internal(self)
         if self.status == Status.running and self._warm_spares > 0:
             await on_loop(self._refill_spares())
 
     async def _close(self) -> None:
+        for runtime in self._group.runtimes:
+            runtime.remove_connection_listener(self._on_connection_change)
         await SpecCluster._close(self)
         with suppress(Exception):
             await on_loop(_gather(*(r._drain_warm() for r in self._group.runtimes)))

@@ -1,0 +1,159 @@
+"""Faults on real hosts: a host dies, sshd restarts, Ctrl-C at start-up, the scheduler dies,
+start/close cycles. Each asserts results and that nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from distributed import Client
+
+from dask_lazycluster import DaskCluster, LazyclusterError, RuntimeGroup
+from dask_lazycluster.testing import TestHosts
+from dask_lazycluster.testing.hosts import clear_stale
+
+from .conftest import wait_no_leftovers
+from .helpers import wait_until
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+
+@pytest.fixture(scope="module")
+def fault_hosts(netns: TestHosts) -> Iterator[TestHosts]:
+    """Hosts of our own: these tests cut links and kill daemons."""
+    clear_stale("lzfault")
+    with TestHosts(3, prefix="lzfault", home=netns.home) as hosts:
+        yield hosts
+
+
+def worker_hosts(client: Client) -> Counter[str]:
+    return Counter(client.run(socket.gethostname).values())
+
+
+def test_host_dies_mid_computation_and_comes_back(fault_hosts: TestHosts) -> None:
+    names = fault_hosts.names
+    group = RuntimeGroup(hosts=names)
+    try:
+        with DaskCluster(group, n_workers=6, worker_class="distributed.Worker") as cluster, \
+                Client(cluster) as client:
+            assert worker_hosts(client) == Counter({n: 2 for n in names})
+
+            def slow(x: int) -> int:
+                time.sleep(0.2)
+                return x * 2
+
+            futures = client.map(slow, range(120))
+            time.sleep(1)
+            fault_hosts.set_link(names[2], False)
+            cut = time.monotonic()
+            assert sum(client.gather(futures)) == 2 * sum(range(120))  # finished elsewhere
+
+            def replaced() -> bool:
+                where = worker_hosts(client)
+                return sum(where.values()) == 6 and names[2] not in where
+
+            assert wait_until(replaced, timeout=30)
+            assert time.monotonic() - cut < 20  # ~6 s to notice the link, then replacements
+            assert names[2] in cluster._unhealthy
+            fault_hosts.set_link(names[2], True)
+            assert wait_until(lambda: names[2] not in cluster._unhealthy, timeout=30)
+            cluster.scale(9)
+            assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 9, 60)
+            assert worker_hosts(client)[names[2]] >= 1  # the host is used again
+            assert client.submit(sum, [1, 2]).result() == 3
+    finally:
+        fault_hosts.set_link(names[2], True)
+        group.cleanup()
+    assert wait_no_leftovers(fault_hosts) == {}
+
+
+def test_sshd_restart_keeps_workers(fault_hosts: TestHosts) -> None:
+    group = RuntimeGroup(hosts=fault_hosts.names)
+    try:
+        with DaskCluster(group, worker_class="distributed.Worker") as cluster, \
+                Client(cluster) as client:
+            before = set(client.scheduler_info()["workers"])
+            fault_hosts.kill_sshd(fault_hosts.names[0])
+            fault_hosts.start_sshd(fault_hosts.names[0])
+            assert client.submit(lambda: 7).result() == 7
+            assert set(client.scheduler_info()["workers"]) == before  # sessions survived
+            cluster.scale(4)
+            assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 4, 60)
+    finally:
+        group.cleanup()
+    assert wait_no_leftovers(fault_hosts) == {}
+
+
+def test_ctrl_c_during_start_up_stops_everything(fault_hosts: TestHosts) -> None:
+    script = (
+        "from dask_lazycluster import DaskCluster, RuntimeGroup\n"
+        f"group = RuntimeGroup(hosts={fault_hosts.names!r})\n"
+        "print('connected', flush=True)\n"
+        "try:\n"
+        "    DaskCluster(group, n_workers=6)\n"
+        "    print('started', flush=True)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+
+    def workers_starting() -> bool:
+        return any(any("python" in c for c in cmds)
+                   for cmds in fault_hosts.leftover_processes().values())
+
+    assert wait_until(workers_starting, timeout=30, interval=0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out or "started" not in out
+    assert wait_no_leftovers(fault_hosts, timeout=30) == {}
+
+
+def test_scheduler_death_gives_a_clear_error_and_cleanup_still_works(
+        fault_hosts: TestHosts) -> None:
+    group = RuntimeGroup(hosts=fault_hosts.names)
+    try:
+        cluster = DaskCluster(group, worker_class="distributed.Worker")
+        assert cluster.scheduler is not None
+        cluster.sync(cluster.scheduler.close)
+        with pytest.raises(LazyclusterError, match="scheduler"):
+            cluster.scale(5)
+        cluster.close()
+    finally:
+        group.cleanup()
+    assert wait_no_leftovers(fault_hosts) == {}
+
+
+def test_start_close_cycles_do_not_leak(fault_hosts: TestHosts) -> None:
+    me = psutil.Process()
+
+    def snapshot() -> tuple[int, int, int]:
+        ports = [c for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid == me.pid]
+        return me.num_fds(), me.num_threads(), len(ports)
+
+    group = RuntimeGroup(hosts=fault_hosts.names)
+    try:
+        figures = []
+        for _ in range(20):
+            with DaskCluster(group, n_workers=3, worker_class="distributed.Worker",
+                             tunnel=True):
+                pass
+            figures.append(snapshot())
+            assert wait_no_leftovers(fault_hosts) == {}
+        fds, threads, ports = zip(*figures, strict=True)
+        # after warm-up the figures must be flat: nothing grows per cycle
+        assert max(fds[5:]) - min(fds[5:]) <= 4, fds
+        assert max(threads[5:]) - min(threads[5:]) <= 2, threads
+        assert max(ports[5:]) == min(ports[5:]), ports
+    finally:
+        group.cleanup()
