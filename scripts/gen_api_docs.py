@@ -234,6 +234,8 @@ def collect(modules: dict[str, ModuleType]) -> dict[str, list[Entry]]:
         else:
             candidates = [(n, o) for n, o in vars(module).items() if not n.startswith("_")]
             candidates += [(n, getattr(module, n)) for n in constants if n == "__version__"]
+        if exported is None:  # the module's own definitions first, then adopted classes
+            candidates.sort(key=lambda item: not _defined_in(item[1], module))
         entries: list[Entry] = []
         for attr, obj in candidates:
             own = _defined_in(obj, module) or owners.get(id(obj)) == name
@@ -634,7 +636,9 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
     context = (here, entry.name)
     out = [_anchor(qual), f"## class `{entry.name}`", "", "```python", _class_signature(cls), "```", ""]
     if cls.__module__ != here:
-        out += [f"*Defined in `{cls.__module__}`; import it from `{here}` (or `{PACKAGE}`).*", ""]
+        package = sys.modules.get(PACKAGE)
+        also = f" (or `{PACKAGE}`)" if getattr(package, entry.name, None) is cls else ""
+        out += [f"*Defined in `{cls.__module__}`; import it from `{here}`{also}.*", ""]
     bases = [b for b in cls.__bases__ if b is not object]
     if bases:
         shown = []
@@ -792,8 +796,8 @@ def render_index(modules: dict[str, ModuleType]) -> str:
     out = [GENERATED_NOTE, "", "# API reference", "",
            "One page per public module, generated from the docstrings by "
            "`python scripts/gen_api_docs.py` (`--check` verifies the pages are current). "
-           "Every public name is also importable from the top-level `dask_lazycluster` "
-           "package.", "", "| Module | Summary |", "| --- | --- |"]
+           "The main classes and every exception are also importable from the top-level "
+           "`dask_lazycluster` package (see its page).", "", "| Module | Summary |", "| --- | --- |"]
     for name, module in modules.items():
         summary = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", _first_line(module.__doc__))
         summary = re.sub(r"``(.+?)``", r"`\1`", summary)
