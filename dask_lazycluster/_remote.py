@@ -166,7 +166,12 @@ def serve(request: dict[str, Any]) -> None:
         if stop_requested:
             return
         cls = import_term(request["cls"])
-        server = cls(request["scheduler"], **request["options"])
+        options = dict(request["options"])
+        if request.get("tls"):
+            from distributed.security import Security
+
+            options["security"] = Security(**request["tls"])
+        server = cls(request["scheduler"], **options)
         await server
         _emit(
             events,

@@ -246,8 +246,8 @@ class _Stop:
         try:
             yield
         finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
+            for number, handler in self._previous.items():
+                signal.signal(number, handler)
 
 
 def _start_workers(cluster: DaskCluster, target: int, show_progress: bool) -> None:
@@ -301,7 +301,8 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
 
     hosts = [h.strip() for value in host_lists for h in value.split(",") if h.strip()]
     overrides: dict[str, Any] = {"lazycluster.hosts": hosts} if hosts else {}
-    tunnel_mode = {"true": True, "false": False, "auto": "auto"}.get((tunnel or "").lower())
+    modes: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
+    tunnel_mode = modes.get((tunnel or "").lower())
     stop = _Stop()
     with dask.config.set(overrides), stop.installed():
         if not dask.config.get("lazycluster.hosts"):
@@ -322,11 +323,11 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
             _start_workers(cluster, target, sys.stdout.isatty())
             if adapt is not None:
                 cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+            ready = True
             hosts_used = ", ".join(cluster.runtime_group.hosts)
             click.echo(f"Ready: {len(cluster.workers)} worker(s) on {hosts_used}"
                        + (f", adapting between {adapt[0]} and {adapt[1]}" if adapt else ""))
             click.echo("Press Ctrl-C to stop.")
-            ready = True
             from distributed.core import Status
 
             while cluster.status == Status.running:

@@ -817,6 +817,7 @@ class Runtime:
         env: dict[str, str] | None = None,
         debug: bool = False,
         python: str | None = None,
+        tls: dict[str, Any] | None = None,
     ) -> RemoteProcess:
         """Start a Dask server (Nanny/Worker) on the host and return its handle (coroutine).
 
@@ -831,6 +832,8 @@ class Runtime:
             env: Extra environment variables for this process.
             debug: Print its output live.
             python: Interpreter to use instead of the runtime's.
+            tls: ``distributed.Security`` keyword arguments with in-memory PEM text; like
+                ``env`` they travel over SSH stdin only.
 
         Returns:
             The supervised process; await ``wait_started`` for readiness.
@@ -848,7 +851,8 @@ class Runtime:
             server = await self._launch_warm(python, debug, False)
         server.name = name
         server._debug = debug
-        request = {"cls": cls, "scheduler": scheduler, "options": options, "env": env or {}}
+        request = {"cls": cls, "scheduler": scheduler, "options": options, "env": env or {},
+                   "tls": tls}
         server._process.stdin.write(json.dumps(request).encode() + b"\n")
         return server
 

@@ -21,6 +21,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
+from distributed.security import Security
 from distributed.utils import NoOpAwaitable
 
 import dask_lazycluster.config  # noqa: F401  (registers the lazycluster.* defaults)
@@ -301,6 +302,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._start_timeout = float(dask.config.get("lazycluster.worker-start-timeout"))
         self._warm_spares = int(dask.config.get("lazycluster.warm-spares"))
         self._debug = debug
+        self._security = _resolve_security(kwargs.pop("security", None))
         self._owns_group = runtime_group is None
         if runtime_group is None:
             hosts = dask.config.get("lazycluster.hosts")
@@ -340,6 +342,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             # Remote interpreters start importing now, while the scheduler starts here.
             self._prewarm(Counter(self._hosts_of[name] for name in initial), forkserver=False)
             listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
+            if self._security is not None:
+                sched_options = {"protocol": "tls", "security": self._security, **sched_options}
+                kwargs["security"] = self._security
             scheduler = self._master_launcher_spec(listen, sched_options)
             # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
             kwargs.setdefault("silence_logs", logging.WARNING)
@@ -510,11 +515,28 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 "worker_class": self._worker_class,
                 "worker_options": template["options"],
                 "python": self._python,
-                "env": self._env,
                 "debug": self._debug,
                 "start_timeout": self._start_timeout,
             },
         }
+
+    def _launch_secrets(self) -> tuple[dict[str, str], dict[str, Any] | None]:
+        """Environment and TLS material for a worker, sent over SSH stdin only.
+
+        Kept out of the worker spec so they never show in reprs or logs.
+        """
+        if self._security is None:
+            return self._env, None
+        sec = self._security
+        tls: dict[str, Any] = {"require_encryption": True}
+        # A worker also acts as a client (of the scheduler and its peers).
+        for field, fallback in (("tls_ca_file", None), ("tls_worker_cert", None),
+                                ("tls_worker_key", None), ("tls_client_cert", "tls_worker_cert"),
+                                ("tls_client_key", "tls_worker_key")):
+            value = getattr(sec, field, None) or (getattr(sec, fallback, None) if fallback else None)
+            if value is not None:
+                tls[field] = _pem(value)
+        return self._env, tls
 
     def _release_ports(self, name: str) -> None:
         self._allocated.pop(name, None)
@@ -745,6 +767,28 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             KeyError: If no such worker is planned.
         """
         return self._group.get_runtime(self._hosts_of[worker_name])
+
+
+def _resolve_security(security: Any) -> Security | None:
+    """``True``: temporary self-signed TLS for this cluster; a ``Security``: the user's own."""
+    if security is None or security is False:
+        return None
+    if security is True:
+        return Security.temporary()
+    if isinstance(security, Security):
+        if not security.require_encryption or not getattr(security, "tls_worker_cert", None):
+            raise ValueError("security= needs TLS certificates for the workers "
+                             "(tls_worker_cert/tls_worker_key) and require_encryption=True")
+        return security
+    raise TypeError(f"security must be True, False or a distributed.Security, got {security!r}")
+
+
+def _pem(value: str | None) -> str | None:
+    """A certificate or key as PEM text: in-memory already, or read from the manager's file."""
+    if value is None or "-----BEGIN" in value:
+        return value
+    with open(value) as f:
+        return f.read()
 
 
 def _check_dict(value: Any, argument: str) -> dict[str, Any]:

@@ -35,7 +35,6 @@ class RemoteWorker(ProcessInterface):
         worker_class: Import path of the server class.
         worker_options: Its keyword arguments.
         python: Remote interpreter override, or None for the runtime's.
-        env: Extra environment variables.
         debug: Print remote output live.
         start_timeout: Seconds from launch to registered.
     """
@@ -51,7 +50,6 @@ class RemoteWorker(ProcessInterface):
         worker_class: str,
         worker_options: dict[str, Any],
         python: str | None,
-        env: dict[str, str],
         debug: bool,
         start_timeout: float,
     ) -> None:
@@ -66,7 +64,6 @@ class RemoteWorker(ProcessInterface):
         self._worker_class = worker_class
         self._options = worker_options
         self._python = python
-        self._env = env
         self._debug = debug
         self._start_timeout = start_timeout
         self._tunnels: list[tuple[str, int]] = []
@@ -110,13 +107,20 @@ class RemoteWorker(ProcessInterface):
     async def _launch(self) -> None:
         group = self._group()
         runtime = group.get_runtime(self.host)
+        scheme = self.scheduler.split("://", 1)[0] if "://" in self.scheduler else "tcp"
         scheduler_port = int(self.scheduler.rsplit(":", 1)[1])
+        cluster = self._owner()
+        if cluster is None:
+            raise LazyclusterError(f"worker {self.name}: its cluster is gone")
+        env, tls = cluster._launch_secrets()
         options = dict(self._options)
         options.setdefault("name", self.name)
+        if tls is not None:
+            options["protocol"] = scheme
         try:
             if self.ports:
                 await self._ensure_tunnels()
-                scheduler = f"tcp://127.0.0.1:{scheduler_port}"
+                scheduler = f"{scheme}://127.0.0.1:{scheduler_port}"
                 options["host"] = "127.0.0.1"
                 if self._nanny:
                     options["worker_port"] = self.ports[0]
@@ -124,12 +128,12 @@ class RemoteWorker(ProcessInterface):
                 else:
                     options["port"] = self.ports[0]
             else:
-                scheduler = f"tcp://{runtime.local_address}:{scheduler_port}"
+                scheduler = f"{scheme}://{runtime.local_address}:{scheduler_port}"
                 options["host"] = runtime.remote_address
             options.setdefault("local_directory", runtime._working_dir_path)
             self.process = await runtime.start_server(
-                self.name, self._worker_class, scheduler, options, self._env, self._debug,
-                self._python,
+                self.name, self._worker_class, scheduler, options, env, self._debug,
+                self._python, tls,
             )
             started = await self.process.wait_started(self._start_timeout)
         except asyncio.TimeoutError as exc:
