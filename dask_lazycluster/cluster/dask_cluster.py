@@ -16,7 +16,6 @@ from collections import Counter
 from contextlib import suppress
 from typing import Any
 
-import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, Scheduler
 from distributed.core import Status
@@ -33,7 +32,7 @@ from dask_lazycluster.cluster.runtime_cluster import (
     MasterWorkerCluster,
     WorkerLauncher,
 )
-from dask_lazycluster.config import config_value
+from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 from dask_lazycluster.runtimes import Runtime, RuntimeTask
@@ -276,63 +275,67 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         asynchronous: bool = False,
         **kwargs: Any,
     ) -> None:
-        self._tunnel = config_value("tunnel", tunnel)
-        if self._tunnel not in _TUNNEL_MODES or isinstance(self._tunnel, int) and not isinstance(
-            self._tunnel, bool
-        ):
-            raise ValueError(f"tunnel must be True, False or 'auto', got {self._tunnel!r}")
-        n_workers = config_value("n-workers", n_workers)
-        if n_workers is not None and (
-            isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0
-        ):
-            raise ValueError(f"n_workers must be an int >= 0, got {n_workers!r}")
-        self._worker_class = str(config_value("worker-class", worker_class))
-        self._worker_options = dict(_check_dict(config_value("worker-options", worker_options),
-                                                "worker_options"))
-        sched_options = dict(_check_dict(config_value("scheduler-options", scheduler_options),
-                                         "scheduler_options"))
-        self._env = dict(_check_dict(config_value("env", env), "env"))
-        self._python = config_value("python", python)
-        self._death_timeout = parse_timedelta(config_value("death-timeout", death_timeout))
-        self._max_per_host = config_value("max-workers-per-host", max_workers_per_host)
-        if self._max_per_host is not None and (
-            not isinstance(self._max_per_host, int) or self._max_per_host < 1
-        ):
-            raise ValueError(f"max_workers_per_host must be an int >= 1, got {self._max_per_host!r}")
-        self._start_timeout = float(dask.config.get("lazycluster.worker-start-timeout"))
-        self._warm_spares = int(dask.config.get("lazycluster.warm-spares"))
+        self._tunnel = setting("tunnel", tunnel, (bool, str), lambda v: v in _TUNNEL_MODES,
+                               "True, False or 'auto'")
+        n_workers = setting("n-workers", n_workers, int, lambda v: v >= 0, "an int >= 0",
+                            optional=True)
+        self._worker_class = setting("worker-class", worker_class, str, bool,
+                                     "an import path such as 'distributed.Nanny'")
+        self._worker_options = dict(setting("worker-options", worker_options, dict))
+        sched_options = dict(setting("scheduler-options", scheduler_options, dict))
+        self._env = dict(setting("env", env, dict, _str_to_str, "a dict of str to str"))
+        self._python = setting("python", python, str, bool, "a path", optional=True)
+        self._death_timeout = parse_timedelta(
+            setting("death-timeout", death_timeout, (int, float, str), _is_timedelta,
+                    "seconds or a time like '30s'"))
+        self._max_per_host = setting("max-workers-per-host", max_workers_per_host, int,
+                                     lambda v: v >= 1, "an int >= 1", optional=True)
+        self._start_timeout = float(setting("worker-start-timeout", None, (int, float),
+                                            lambda v: v > 0, "seconds > 0"))
+        self._warm_spares = setting("warm-spares", None, int, lambda v: v >= 0, "an int >= 0")
+        master_port = setting("master-port", master_port, int, lambda v: 0 < v < 65536,
+                              "a port number", optional=True)
         self._debug = debug
         self._security = _resolve_security(kwargs.pop("security", None))
         self._owns_group = runtime_group is None
         if runtime_group is None:
-            hosts = dask.config.get("lazycluster.hosts")
+            hosts = setting("hosts", None, list, lambda v: all(isinstance(h, str) for h in v),
+                            "a list of host names")
             if not hosts:
                 raise ValueError(
                     "no runtime_group given and no hosts configured (lazycluster.hosts)"
                 )
             runtime_group = RuntimeGroup(
                 hosts=list(hosts),
-                working_dir=config_value("working-dir"),
-                connect_options=config_value("connect-options") or None,
+                working_dir=setting("working-dir", None, str, optional=True),
+                connect_options=setting("connect-options", None, dict) or None,
                 python=self._python,
             )
         elif not isinstance(runtime_group, RuntimeGroup):
             raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
         if ports is None:
-            first, last = dask.config.get("lazycluster.port-range")
-            ports = list(range(int(first), int(last) + 1))
+            first, last = setting("port-range", None, list, _is_port_range,
+                                  "[first, last] with 1 <= first <= last <= 65535")
+            ports = list(range(first, last + 1))
         try:
             master_launcher = master_launcher or LocalMasterLauncher(runtime_group)
             worker_launcher = worker_launcher or RoundRobinLauncher(runtime_group)
             MasterWorkerCluster.__init__(
                 self, runtime_group, ports, master_launcher, worker_launcher
             )
-            prologue = config_value("prologue", prologue)
+            prologue = setting("prologue", prologue, str, optional=True)
             if prologue:
-                if not isinstance(prologue, str):
-                    raise TypeError(f"prologue must be a shell command str, got {prologue!r}")
                 runtime_group.execute_task(RuntimeTask("prologue").run_command(prologue),
                                            broadcast=True, execute_async=False, debug=debug)
+            if self._python is None and not prologue:  # a prologue may install it
+                missing = [r.host for r in runtime_group.runtimes
+                           if r.info.get("distributed_version") is None]
+                if missing:
+                    raise LazyclusterError(
+                        f"distributed is not installed for the remote python on "
+                        f"{', '.join(missing)} ({runtime_group.get_runtime(missing[0]).python}): "
+                        f"install it there, pass python= or use prologue='pip install distributed'"
+                    )
             self._init_state(master_launcher, worker_launcher)
             self.start_master(master_port)
             # Everything a user can get wrong is checked here, before any process starts.
@@ -791,9 +794,18 @@ def _pem(value: str | None) -> str | None:
         return f.read()
 
 
-def _check_dict(value: Any, argument: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise TypeError(f"{argument} must be a dict, got {value!r}")
-    return value
+def _str_to_str(value: dict[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _is_timedelta(value: Any) -> bool:
+    try:
+        parse_timedelta(value)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _is_port_range(value: list[Any]) -> bool:
+    return (len(value) == 2 and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+            and 1 <= value[0] <= value[1] <= 65535)
