@@ -121,7 +121,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     wait_until(lambda: client.run_on_scheduler(running_workers) >= args.n, args.timeout,
                f"{args.n} workers registered")
     t_ready = time.time()
-    result.update(import_s=t_import - t0, ctor_s=t_ctor - t0, start_s=t_ready - t0)
+    cpu = os.times()
+    result.update(import_s=t_import - t0, ctor_s=t_ctor - t0, start_s=t_ready - t0,
+                  cpu_s=cpu.user + cpu.system, load1=os.getloadavg()[0])
     if args.kind.startswith("dask"):
         import dask_lazycluster
 

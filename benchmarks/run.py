@@ -204,6 +204,7 @@ class Bench:
                 if waited > 5:
                     self.stragglers.append({"after": after, "gone_after_s": round(waited, 1),
                                             "killed": False})
+                time.sleep(1.0)  # let the CPUs settle before the next contestant
                 return
             if time.monotonic() > deadline:
                 break
@@ -359,6 +360,46 @@ class Bench:
         self.load_end = os.getloadavg()
         self.finished = dt.datetime.now(dt.timezone.utc)
 
+    def state(self) -> dict[str, Any]:
+        """Everything the report needs, JSON-serialisable (``--json`` saves it, ``--render`` reads it)."""
+        load = "/".join(f"{x:.1f}" for x in self.load_start) + " / " + "/".join(
+            f"{x:.1f}" for x in getattr(self, "load_end", os.getloadavg()))
+        finished = getattr(self, "finished", dt.datetime.now(dt.timezone.utc))
+        machine = machine_info()
+        machine.update({
+            "dask_lazycluster": (f"commit {self.pkg_commit}"
+                                 + (f" + uncommitted changes in {', '.join(self.pkg_dirty)}"
+                                    if self.pkg_dirty else "")
+                                 + f" (snapshot sha256 {self.pkg_digest})"),
+            "date": f"{self.started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC",
+            "load average (1/5/15 min) at start / end": load,
+            "rounds": str(self.rounds) + (" (--quick)" if self.quick else ""),
+        })
+        return {"command": " ".join(["python benchmarks/run.py", *sys.argv[1:]]),
+                "machine": machine, "runs": self.runs, "failures": self.failures,
+                "stragglers": self.stragglers, "tp_info": getattr(self, "tp_info", {}),
+                "tp_bytes": getattr(self, "tp_bytes", 0)}
+
+
+def machine_info() -> dict[str, str]:
+    from importlib.metadata import version
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10).stderr.strip()
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} cores",
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "dask": version("dask"), "distributed": version("distributed"),
+        "asyncssh": version("asyncssh"), "OpenSSH": ssh_v.split(",")[0],
+    }
+
 
 # -- small helpers -----------------------------------------------------------------------------
 
@@ -436,9 +477,11 @@ def median(values: list[float]) -> float | None:
 
 
 class Report:
-    def __init__(self, bench: Bench) -> None:
-        self.b = bench
-        self.runs = bench.runs
+    """Tables, ratios, markdown and plot from a run's state (``Bench.state()`` or its JSON)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.s = state
+        self.runs: list[dict[str, Any]] = state["runs"]
 
     def values(self, kind: str, key: str, n: int | None = None) -> list[float]:
         out = []
@@ -477,6 +520,9 @@ class Report:
             ("1. cold start to 3 workers ready, s", "start_s", 3, "{:.2f}", 1.0),
             ("1. cold start to 12 workers ready, s", "start_s", 12, "{:.2f}", 1.0),
             ("   of which imports, s (3 workers)", "import_s", 3, "{:.2f}", 1.0),
+            ("   manager CPU (user+sys) until ready, s (3)", "cpu_s", 3, "{:.2f}", 1.0),
+            ("   manager CPU (user+sys) until ready, s (12)", "cpu_s", 12, "{:.2f}", 1.0),
+            ("   1-min load average when ready (3 workers)", "load1", 3, "{:.1f}", 1.0),
             ("2. scale 3 → 6 (all registered), s", "scale_up_s", 3, "{:.2f}", 1.0),
             ("2. scale 6 → 3 (gone from scheduler), s", "scale_down_s", 3, "{:.2f}", 1.0),
             ("3. 2000 trivial tasks round trip, s", "tasks_s", 3, "{:.2f}", 1.0),
@@ -574,54 +620,24 @@ class Report:
             v = "n/a" if r["value"] is None else f"{r['value']:.2f}{r['unit']}"
             note = f"  [{r['note']}]" if r["note"] else ""
             print(f"  {r['verdict']:4}  {r['name']}: {v} (target {r['op']} {r['target']:g}{r['unit']}){note}")
-        if self.b.failures:
-            print(f"\n{len(self.b.failures)} failed run(s):")
-            for f in self.b.failures:
+        if self.s['failures']:
+            print(f"\n{len(self.s['failures'])} failed run(s):")
+            for f in self.s['failures']:
                 print(f"  {f}")
-        if self.b.stragglers:
+        if self.s['stragglers']:
             print("\nProcesses left on the hosts after a run:")
-            for s in self.b.stragglers:
+            for s in self.s['stragglers']:
                 print(f"  {s}")
 
     # ---
 
-    def machine(self) -> dict[str, str]:
-        from importlib.metadata import version
-
-        cpu = "unknown"
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10).stderr.strip()
-        sshd_v = ssh_v.split(",")[0]
-        return {
-            "CPU": f"{cpu}, {os.cpu_count()} cores",
-            "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-            "kernel": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(),
-            "dask": version("dask"), "distributed": version("distributed"),
-            "asyncssh": version("asyncssh"), "OpenSSH": sshd_v,
-            "dask_lazycluster": (f"commit {self.b.pkg_commit}"
-                                 + (f" + uncommitted changes in {', '.join(self.b.pkg_dirty)}"
-                                    if self.b.pkg_dirty else "")
-                                 + f" (snapshot sha256 {self.b.pkg_digest})"),
-            "date": f"{self.b.started:%Y-%m-%d %H:%M} – {self.b.finished:%H:%M} UTC",
-            "load average (1/5/15 min) at start / end": (
-                "/".join(f"{x:.1f}" for x in self.b.load_start) + " / "
-                + "/".join(f"{x:.1f}" for x in self.b.load_end)),
-            "rounds": str(self.b.rounds) + (" (--quick)" if self.b.quick else ""),
-        }
-
     def markdown(self, png: str | None) -> str:
-        b = self.b
+        st = self.s
         lines = ["# Benchmarks", "",
-                 "Generated by `python benchmarks/run.py"
-                 + (f" --rounds {b.args.rounds}" if b.args.rounds is not None else "")
-                 + (" --quick" if b.quick else "") + "` (issue 5). Do not edit by hand: re-run it.",
+                 f"Generated by `{st['command']}` (issue 5). Do not edit by hand: re-run it "
+                 "(findings kept by hand go to `benchmarks/notes.md`, included below).",
                  "", "## Machine and versions", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in self.machine().items()]
+        lines += [f"| {k} | {v} |" for k, v in st["machine"].items()]
         lines += ["", "## Targets", "", "Ratios of medians from this run.", "",
                   "| verdict | figure | measured | target |", "|---|---|---|---|"]
         for r in self.ratios():
@@ -637,24 +653,24 @@ class Report:
                   "|---|" + "---|" * len(KINDS)]
         for row in self.table_rows():
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"### 5. Raw throughput through one forward ({getattr(b, 'tp_bytes', 0) >> 20} MiB "
+        lines += ["", f"### 5. Raw throughput through one forward ({st.get('tp_bytes', 0) >> 20} MiB "
                   "of random data, one connection)", "", "| path | MB/s | cipher |", "|---|---|---|"]
-        info = getattr(b, "tp_info", {})
+        info = st.get("tp_info", {})
         for mode in TP_MODES:
             vals = self.values(f"tp-{mode}", "tp_MBps")
             v = "n/a" if not vals else f"{statistics.median(vals):.0f}" + (
                 f" ({min(vals):.0f}–{max(vals):.0f})" if len(vals) > 1 else "")
             cipher = info.get(mode, {}).get("cipher", "—")
             lines.append(f"| {TP_LABELS[mode]} | {v} | {cipher} |")
-        if b.failures or b.stragglers:
+        if st["failures"] or st["stragglers"]:
             lines += ["", "## Incidents", ""]
-            for f in b.failures:
+            for f in st["failures"]:
                 lines.append(f"- failed run: {f.get('kind')} n={f.get('n')} round {f.get('round', 0) + 1}: "
                              + (f.get("error") or " / ".join(f.get("tail", [])[-3:]))[:400])
-            for s in b.stragglers:
-                lines.append(f"- processes left on the hosts after {s['after']}: "
-                             + (f"gone after {s['gone_after_s']} s" if not s["killed"]
-                                else f"killed after the wait: {json.dumps(s.get('processes'))[:400]}"))
+            for g in st["stragglers"]:
+                lines.append(f"- processes left on the hosts after {g['after']}: "
+                             + (f"gone after {g['gone_after_s']} s" if not g["killed"]
+                                else f"killed after the wait: {json.dumps(g.get('processes'))[:400]}"))
         lines += ["", "## Method", "",
                   "- Test hosts: the project's harness (`dask_lazycluster.testing.TestHosts`), 12 "
                   "network namespaces on one bridge, each with its own sshd; the 3-worker figures use "
@@ -694,6 +710,10 @@ class Report:
                   "above. Every subprocess and wait has a timeout.",
                   "- The package is snapshotted at the start (`PYTHONPATH`), so concurrent edits do not "
                   "change the code under test mid-run.", ""]
+        notes = Path(__file__).resolve().parent / "notes.md"
+        if notes.exists():  # hand-written findings (profiles, what each change bought) stay apart
+            lines += ["## Notes", "", f"*(kept by hand in `benchmarks/{notes.name}`)*", "",
+                      notes.read_text().strip(), ""]
         return "\n".join(lines)
 
     def plot(self, path: Path) -> bool:
@@ -748,8 +768,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma list of start3,start12,throughput")
     parser.add_argument("--prefix", default="lzbench", help="test host prefix")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.*")
-    parser.add_argument("--json", default="", help="also dump the raw runs to this file")
+    parser.add_argument("--json", default="", help="also save the results (state) to this file")
+    parser.add_argument("--render", default="", metavar="JSON",
+                        help="only re-render the report and docs from a saved --json file")
     args = parser.parse_args()
+    if args.render:
+        return finish(json.loads(Path(args.render).read_text()), args)
     if args.rounds is not None and not 1 <= args.rounds <= 20:
         parser.error("--rounds must be 1..20")
     if os.geteuid() != 0:
@@ -769,11 +793,15 @@ def main() -> int:
     finally:
         bench.down()
         log(f"test hosts down; logs in {bench.logdir}")
-    report = Report(bench)
-    report.print()
+    state = bench.state()
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": bench.runs, "failures": bench.failures,
-                                               "stragglers": bench.stragglers}, indent=1))
+        Path(args.json).write_text(json.dumps(state, indent=1))
+    return finish(state, args)
+
+
+def finish(state: dict[str, Any], args: argparse.Namespace) -> int:
+    report = Report(state)
+    report.print()
     if not args.no_docs:
         docs = ROOT / "docs"
         docs.mkdir(exist_ok=True)
@@ -782,7 +810,6 @@ def main() -> int:
         (docs / "benchmarks.md").write_text(report.markdown("benchmarks.png" if has_png else None))
         log(f"wrote {docs / 'benchmarks.md'}" + (f" and {png}" if has_png else ""))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,14 +3,15 @@
 Subcommands: ``list-runtimes`` (host discovery), ``check`` (is a host ready for Dask?), ``up``
 (run a cluster until Ctrl-C), ``add-runtime`` / ``delete-runtime`` (edit ``~/.ssh/config``).
 
-Errors print one line to stderr and exit with status 1. Heavy imports (distributed, asyncssh)
-happen inside the commands, since ``dask`` loads this module for every invocation.
+Errors a user can act on (bad arguments, unusable hosts, lazycluster and OS errors) print
+one line to stderr and exit with status 1, without a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import os
 import re
@@ -22,13 +23,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+import dask.config
+import distributed
+from dask.utils import format_bytes
+from distributed.core import Status
 
-if TYPE_CHECKING:
-    from dask_lazycluster.cluster.dask_cluster import DaskCluster
-    from dask_lazycluster.runtimes import Runtime
+from dask_lazycluster._loop import run_sync
+from dask_lazycluster.cluster.dask_cluster import DaskCluster
+from dask_lazycluster.config import config_value
+from dask_lazycluster.exceptions import InvalidRuntimeError, LazyclusterError
+from dask_lazycluster.runtime_manager import (
+    _WILDCARD,
+    RuntimeManager,
+    _split_line,
+    ssh_config_hosts,
+)
+from dask_lazycluster.runtimes import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,11 +88,9 @@ def _reports_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from dask_lazycluster.exceptions import LazyclusterError
-
         try:
             return func(*args, **kwargs)
-        except (LazyclusterError, ValueError, TypeError, OSError) as exc:
+        except (LazyclusterError, ValueError, OSError) as exc:
             _fail(str(exc) or type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -101,10 +112,6 @@ def lazycluster() -> None:
 @_reports_errors
 def list_runtimes(long_format: bool, ssh_config: str | None) -> None:
     """List the hosts of the SSH config that can serve as runtimes, and those that cannot."""
-    from dask.utils import format_bytes
-
-    from dask_lazycluster.runtime_manager import RuntimeManager
-
     manager = RuntimeManager(ssh_config=ssh_config)
     try:
         click.echo(f"Active hosts ({len(manager.hosts)}):")
@@ -145,8 +152,6 @@ async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str],
     problem = None
     if result.exit_status == 0:
         version = str(result.stdout).strip().splitlines()[-1]
-        import distributed
-
         note = "" if version == distributed.__version__ else (
             f" (the manager has {distributed.__version__}: versions should match)")
         lines.append(f"distributed  {version}{note}")
@@ -164,9 +169,6 @@ async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str],
 async def _check_hosts(
     hosts: list[str], python: str | None, options: dict[str, Any], ports: list[int]
 ) -> list[tuple[list[str], str | None]]:
-    from dask_lazycluster.exceptions import InvalidRuntimeError
-    from dask_lazycluster.runtimes import Runtime
-
     async def one(host: str) -> tuple[list[str], str | None]:
         try:
             runtime = await Runtime._create(host, None, options, python)
@@ -192,11 +194,6 @@ def check(hosts: tuple[str, ...], python: str | None) -> None:
 
     Exits with status 1 if any host is unusable.
     """
-    import dask.config
-
-    from dask_lazycluster._loop import run_sync
-    from dask_lazycluster.config import config_value
-
     options = dict(config_value("connect-options") or {})
     options.setdefault("connect_timeout", 10)
     scheduler_port = int(config_value("master-port") or 8786)
@@ -294,11 +291,6 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
     The scheduler runs here; the scheduler address and dashboard link are printed once it
     is up. Every other setting comes from the lazycluster.* Dask config.
     """
-    import dask.config
-
-    from dask_lazycluster.cluster.dask_cluster import DaskCluster
-    from dask_lazycluster.config import config_value
-
     hosts = [h.strip() for value in host_lists for h in value.split(",") if h.strip()]
     overrides: dict[str, Any] = {"lazycluster.hosts": hosts} if hosts else {}
     modes: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
@@ -328,8 +320,6 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
             click.echo(f"Ready: {len(cluster.workers)} worker(s) on {hosts_used}"
                        + (f", adapting between {adapt[0]} and {adapt[1]}" if adapt else ""))
             click.echo("Press Ctrl-C to stop.")
-            from distributed.core import Status
-
             while cluster.status == Status.running:
                 time.sleep(0.5)
             _fail("the cluster stopped by itself")
@@ -354,8 +344,6 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
 @contextlib.contextmanager
 def _locked_ssh_config() -> Iterator[str]:
     """Yield the path of ``~/.ssh/config`` (``~/.ssh`` created 0700), holding a lock on ``~/.ssh``."""
-    import fcntl
-
     path = os.path.expanduser(SSH_CONFIG)
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
@@ -441,8 +429,6 @@ def add_runtime(name: str, target: str, id_file: str | None) -> None:
     The entry goes before the first wildcard Host (or Match) block, so that defaults set
     there do not override it.
     """
-    from dask_lazycluster.runtime_manager import _WILDCARD, _split_line, ssh_config_hosts
-
     if not _NAME.fullmatch(name):
         raise ValueError(f"invalid runtime name {name!r}: use letters, digits, '.', '_', '-'")
     user, host, port = _parse_target(target)
@@ -479,8 +465,6 @@ def add_runtime(name: str, target: str, id_file: str | None) -> None:
 
 def _block_ranges(lines: list[str], name: str) -> tuple[list[tuple[int, int]], list[str]]:
     """Line ranges of the ``Host name`` blocks, and other Host lines that also name it."""
-    from dask_lazycluster.runtime_manager import _split_line
-
     starts = []
     for index, line in enumerate(lines):
         parsed = _split_line(line)

@@ -13,7 +13,28 @@ from typing import Any
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 
 
-class MasterLauncher(ABC):
+class _Launcher(ABC):
+    """What every launcher strategy has: the group it works on.
+
+    Args:
+        runtime_group: The group the cluster runs on.
+
+    Raises:
+        TypeError: If ``runtime_group`` is not a RuntimeGroup.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        if not isinstance(runtime_group, RuntimeGroup):
+            raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
+        self._group = runtime_group
+
+    @property
+    def runtime_group(self) -> RuntimeGroup:
+        """The group the cluster runs on."""
+        return self._group
+
+
+class MasterLauncher(_Launcher):
     """Strategy that starts the master instance of a cluster.
 
     Args:
@@ -21,16 +42,9 @@ class MasterLauncher(ABC):
     """
 
     def __init__(self, runtime_group: RuntimeGroup) -> None:
-        if not isinstance(runtime_group, RuntimeGroup):
-            raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
-        self._group = runtime_group
+        super().__init__(runtime_group)
         self._port: int | None = None
         self._process: Any = None
-
-    @property
-    def runtime_group(self) -> RuntimeGroup:
-        """The group the cluster runs on."""
-        return self._group
 
     @property
     def port(self) -> int | None:
@@ -65,7 +79,7 @@ class MasterLauncher(ABC):
         """Release all resources."""
 
 
-class WorkerLauncher(ABC):
+class WorkerLauncher(_Launcher):
     """Strategy that decides where workers run and starts them.
 
     Args:
@@ -73,15 +87,8 @@ class WorkerLauncher(ABC):
     """
 
     def __init__(self, runtime_group: RuntimeGroup) -> None:
-        if not isinstance(runtime_group, RuntimeGroup):
-            raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
-        self._group = runtime_group
+        super().__init__(runtime_group)
         self._ports_per_host: dict[str, list[int]] = {host: [] for host in runtime_group.hosts}
-
-    @property
-    def runtime_group(self) -> RuntimeGroup:
-        """The group the workers run on."""
-        return self._group
 
     @property
     def ports_per_host(self) -> dict[str, list[int]]:
