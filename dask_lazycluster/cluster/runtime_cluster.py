@@ -13,7 +13,7 @@ from typing import Any
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 
 
-class _Launcher(ABC):
+class _Launcher:
     """What every launcher strategy has: the group it works on.
 
     Args:
@@ -34,7 +34,7 @@ class _Launcher(ABC):
         return self._group
 
 
-class MasterLauncher(_Launcher):
+class MasterLauncher(_Launcher, ABC):
     """Strategy that starts the master instance of a cluster.
 
     Args:
@@ -79,7 +79,7 @@ class MasterLauncher(_Launcher):
         """Release all resources."""
 
 
-class WorkerLauncher(_Launcher):
+class WorkerLauncher(_Launcher, ABC):
     """Strategy that decides where workers run and starts them.
 
     Args:
