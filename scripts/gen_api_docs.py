@@ -620,6 +620,22 @@ def _external(cls: type) -> str:
     return f"`{cls.__module__}.{cls.__qualname__}`"
 
 
+def _public_bases(cls: type) -> list[type]:
+    """Direct bases, with private ones (``_Base``) replaced by their own public bases."""
+    bases: list[type] = []
+    for base in cls.__bases__:
+        if base is object:
+            continue
+        for shown in (_public_bases(base) if base.__name__.startswith("_") else [base]):
+            if shown not in bases:
+                bases.append(shown)
+    return bases
+
+
+def _inherited(owner: type) -> str:
+    return "inherited" if owner.__name__.startswith("_") else f"inherited from `{owner.__name__}`"
+
+
 def render_class(entry: Entry, linker: Linker, here: str) -> str:
     """Render one class: signature, docstring, attributes, properties and methods.
 
@@ -639,7 +655,7 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
         package = sys.modules.get(PACKAGE)
         also = f" (or `{PACKAGE}`)" if getattr(package, entry.name, None) is cls else ""
         out += [f"*Defined in `{cls.__module__}`; import it from `{here}`{also}.*", ""]
-    bases = [b for b in cls.__bases__ if b is not object]
+    bases = _public_bases(cls)
     if bases:
         shown = []
         for base in bases:
@@ -664,7 +680,7 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
     if attributes:
         out += ["**Class attributes:**", ""]
         for name, value, klass in attributes:
-            note = "" if klass is cls else f" *(from {klass.__name__})*"
+            note = "" if klass is cls else f" *({_inherited(klass)})*"
             out.append(f"- `{name} = {value}`{note}")
         out.append("")
     properties = [m for m in entry.members if m.kind == "property"]
@@ -680,7 +696,7 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
         if prop.fset is not None:
             tags.append("settable")
         if member.owner is not cls:
-            tags.append(f"inherited from `{member.owner.__name__}`")
+            tags.append(_inherited(member.owner))
         tag = f" *({', '.join(tags)})*" if tags else ""
         out += [_anchor(f"{qual}.{member.name}"),
                 f"### property `{entry.name}.{member.name}`{hint}{tag}", "",
@@ -691,7 +707,7 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
         drop = member.kind != "staticmethod"
         tags = [] if member.kind == "method" else [member.kind]
         if member.owner is not cls:
-            tags.append(f"inherited from `{member.owner.__name__}`")
+            tags.append(_inherited(member.owner))
         tag = f" *({', '.join(tags)})*" if tags else ""
         ret = inspect.signature(func).return_annotation
         ret_text = None if ret is inspect.Signature.empty else annotation(ret)
