@@ -25,6 +25,7 @@ from dask_lazycluster.exceptions import (
     PortInUseError,
     TaskExecutionError,
 )
+from dask_lazycluster.runtime_manager import RuntimeManager
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 from dask_lazycluster.runtimes import Runtime, RuntimeTask
 
@@ -45,6 +46,7 @@ __all__ = [
     "RoundRobinLauncher",
     "Runtime",
     "RuntimeGroup",
+    "RuntimeManager",
     "RuntimeTask",
     "TaskExecutionError",
     "WorkerLauncher",

@@ -506,3 +506,14 @@ async def _connect_all(
             raise InvalidRuntimeError(first.host, f"{first.cause} (also: {others})") from first
         raise first
     return [r for r in results if isinstance(r, Runtime)]
+
+
+def __getattr__(name: str) -> object:
+    """Keep lazycluster's path ``runtime_mgmt.RuntimeManager`` (it lives in runtime_manager,
+    which imports this module, hence the lazy import).
+    """
+    if name == "RuntimeManager":
+        from dask_lazycluster.runtime_manager import RuntimeManager
+
+        return RuntimeManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
