@@ -509,8 +509,9 @@ async def _connect_all(
 
 
 def __getattr__(name: str) -> object:
-    """Keep lazycluster's path ``runtime_mgmt.RuntimeManager`` (it lives in runtime_manager,
-    which imports this module, hence the lazy import).
+    """Keep lazycluster's import path ``runtime_mgmt.RuntimeManager``.
+
+    It lives in ``runtime_manager``, which imports this module, hence the lazy import.
     """
     if name == "RuntimeManager":
         from dask_lazycluster.runtime_manager import RuntimeManager
