@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -257,9 +259,13 @@ class Bench:
         result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")),
                       None)
         if result is None:
-            tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
-            self.failures.append({"kind": kind, "n": n, "round": rnd, "rc": proc.returncode,
-                                  "log": str(logfile), "tail": tail})
+            text = logfile.read_text(errors="replace").strip().splitlines()
+            tail = text[-15:]
+            errors = list(dict.fromkeys(  # distinct exception lines, in order
+                line.strip() for line in text
+                if re.match(r"\s*[\w.]+(Error|Exception|Timeout\w*):", line)))
+            self.failures.append({"kind": kind, "n": n, "round": rnd + 1, "rc": proc.returncode,
+                                  "log": str(logfile), "errors": errors[:6], "tail": tail})
             log(f"  FAILED (rc {proc.returncode}); log tail:\n    " + "\n    ".join(tail))
         else:
             result.update(round=rnd, wall_s=wall)
@@ -294,7 +300,8 @@ class Bench:
                         self.runs.append({"kind": f"tp-{mode}", "round": rnd, "tp_MBps": rate})
                         log(f"  {rate:.0f} MB/s")
                     except Exception as exc:  # recorded, the rest goes on
-                        self.failures.append({"kind": f"tp-{mode}", "round": rnd, "error": repr(exc)})
+                        self.failures.append({"kind": f"tp-{mode}", "round": rnd + 1,
+                                              "errors": [repr(exc)]})
                         log(f"  FAILED: {exc!r}")
         finally:
             kill_group(sink)
@@ -623,7 +630,8 @@ class Report:
         if self.s['failures']:
             print(f"\n{len(self.s['failures'])} failed run(s):")
             for f in self.s['failures']:
-                print(f"  {f}")
+                print(f"  {f['kind']} n={f.get('n')} round {f['round']}: {f.get('errors')}"
+                      f" (log {f.get('log')})")
         if self.s['stragglers']:
             print("\nProcesses left on the hosts after a run:")
             for s in self.s['stragglers']:
@@ -665,8 +673,9 @@ class Report:
         if st["failures"] or st["stragglers"]:
             lines += ["", "## Incidents", ""]
             for f in st["failures"]:
-                lines.append(f"- failed run: {f.get('kind')} n={f.get('n')} round {f.get('round', 0) + 1}: "
-                             + (f.get("error") or " / ".join(f.get("tail", [])[-3:]))[:400])
+                what = LABELS.get(f["kind"], f["kind"]) + (f", {f['n']} workers" if "n" in f else "")
+                lines.append(f"- failed run: {what}, round {f['round']}: "
+                             + " / ".join(f"`{e[:300]}`" for e in f.get("errors") or f["tail"][-2:]))
             for g in st["stragglers"]:
                 lines.append(f"- processes left on the hosts after {g['after']}: "
                              + (f"gone after {g['gone_after_s']} s" if not g["killed"]
@@ -740,8 +749,8 @@ class Report:
         ax1.legend(fontsize=8)
         ratios = [r for r in self.ratios() if r["value"] is not None and not r["note"]
                   and r["unit"] == "x"]
-        names = [r["name"].replace("DaskCluster", "DC").replace("(tunnel=True)", "(tunnel)")
-                 .replace("(tunnel=False)", "(direct)") for r in ratios]
+        names = [textwrap.fill(r["name"].replace("DaskCluster", "DC").replace("(tunnel=True)", "(tunnel)")
+                               .replace("(tunnel=False)", "(direct)"), 34) for r in ratios]
         ys = range(len(ratios))
         ax2.barh(ys, [r["value"] for r in ratios],
                  color=["#4caf50" if r["verdict"] == "PASS" else "#e53935" for r in ratios])
