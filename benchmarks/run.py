@@ -468,8 +468,9 @@ def _send(target: tuple[str, int], nbytes: int) -> float:
 
 def _openssh_cipher(hosts: TestHosts, name: str) -> dict[str, Any]:
     """The cipher OpenSSH negotiates with the host (first of the client's list the host offers)."""
-    p = subprocess.run([*hosts.ssh_argv(name, "true"), "-v"], capture_output=True, text=True,
-                       timeout=20)
+    argv = hosts.ssh_argv(name, "true")
+    argv.insert(1, "-v")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
     for line in p.stderr.splitlines():
         if "kex: client->server cipher:" in line:
             return {"cipher": line.split("cipher:")[1].split()[0]}
@@ -756,7 +757,8 @@ class Report:
                  color=["#4caf50" if r["verdict"] == "PASS" else "#e53935" for r in ratios])
         for y, r in zip(ys, ratios, strict=True):
             ax2.plot([r["target"], r["target"]], [y - 0.4, y + 0.4], color="black", lw=2)
-            ax2.text(r["value"], y, f" {r['value']:.2f} ({r['op']} {r['target']:g})", va="center",
+            ax2.text(max(r["value"], r["target"]) * 1.01, y, f" {r['value']:.2f} ({r['op']} {r['target']:g})",
+                     va="center",
                      fontsize=7)
         ax2.set_yticks(list(ys), names, fontsize=7)
         ax2.invert_yaxis()
