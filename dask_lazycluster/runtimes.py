@@ -518,7 +518,12 @@ class Runtime:
                 "127.0.0.1", runtime_port, "127.0.0.1", local_port
             )
         except asyncssh.ChannelListenError as exc:
-            raise PortInUseError(runtime_port, self._host) from exc
+            if runtime_port in await self._listening_ports():
+                raise PortInUseError(runtime_port, self._host) from exc
+            raise LazyclusterError(
+                f"host {self._host!r} refused to forward port {runtime_port} although it is "
+                f"free: is AllowTcpForwarding disabled in its sshd_config?"
+            ) from exc
         port = listener.get_port()
         self._forwards[port] = listener
         return port
@@ -592,7 +597,9 @@ class Runtime:
     async def _run_command(self, task: RuntimeTask, command: str, debug: bool) -> None:
         wd = await self._ensure_working_dir()
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self._env.items())
-        script = f"cd {shlex.quote(wd)} || exit 1\n{exports}{command}\n"
+        # mkdir each time (free: same round trip): the dir may have been removed under us.
+        quoted = shlex.quote(wd)
+        script = f"mkdir -p -m 700 {quoted} && cd {quoted} || exit 1\n{exports}{command}\n"
         # The script goes over stdin so env values never show in `ps`; stdin then stays open
         # as a lifeline, so closing the channel (cleanup, manager gone) kills the command.
         process = await self._connection.create_process(
@@ -654,18 +661,25 @@ class Runtime:
             return f"{self._wd}/{default_name}"
         return path if path.startswith("/") else f"{self._wd}/{path}"
 
+    async def _sftp_in_working_dir(self) -> asyncssh.SFTPClient:
+        """An SFTP client, with the working dir (re)created through it (no extra exec)."""
+        sftp = await self._connection.start_sftp_client()
+        wd = self._working_dir_path
+        if not await sftp.isdir(wd):
+            await sftp.makedirs(wd, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
+        self._wd_ready = True
+        return sftp
+
     async def _send_file(self, local_path: str, remote_path: str | None = None) -> str:
-        await self._ensure_working_dir()
         target = self._remote_path(remote_path, os.path.basename(local_path.rstrip("/")))
-        async with self._connection.start_sftp_client() as sftp:
+        async with await self._sftp_in_working_dir() as sftp:
             await sftp.put(local_path, target, recurse=True, preserve=True)
         return target
 
     async def _get_file(self, remote_path: str, local_path: str | None = None) -> str:
-        await self._ensure_working_dir()
         source = self._remote_path(remote_path, "")
         target = local_path or os.path.join(os.getcwd(), os.path.basename(source.rstrip("/")))
-        async with self._connection.start_sftp_client() as sftp:
+        async with await self._sftp_in_working_dir() as sftp:
             await sftp.get(source, target, recurse=True, preserve=True)
         return target
 
@@ -801,9 +815,11 @@ class Runtime:
     async def _drain_warm(self) -> None:
         """Stop every warm process not taken yet."""
         pending, self._warm = self._warm, []
-        for _, task in pending:
-            task.cancel()
-        results = await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+        # Let launches finish rather than cancel them: a process cut off without "bye" would
+        # take the working dir with it (it takes the manager for dead).
+        results = await asyncio.gather(
+            *(asyncio.wait_for(t, 10) for _, t in pending), return_exceptions=True
+        )
         await asyncio.gather(
             *(r.kill() for r in results if isinstance(r, RemoteProcess)), return_exceptions=True
         )
@@ -853,7 +869,10 @@ class Runtime:
         server._debug = debug
         request = {"cls": cls, "scheduler": scheduler, "options": options, "env": env or {},
                    "tls": tls}
-        server._process.stdin.write(json.dumps(request).encode() + b"\n")
+        try:
+            server._process.stdin.write(json.dumps(request).encode() + b"\n")
+        except (OSError, asyncssh.Error):
+            pass  # it died already (e.g. no such python): wait_started() reports why
         return server
 
     # -- cleanup --------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class LocalMasterLauncher(MasterLauncher):
 
         Args:
             ports: A single port (exactly it) or a list (the first free one).
-            timeout: Seconds the cluster waits for the scheduler before ``MasterStartError``.
+            timeout: Kept for the launcher interface: the in-process scheduler starts or
+                fails at once (``MasterStartError``), it cannot hang.
             debug: Unused for a local scheduler (kept for the launcher interface).
 
         Returns:
@@ -84,7 +85,6 @@ class LocalMasterLauncher(MasterLauncher):
         self._port = run_sync(
             on_loop(group._pick_port(ports, group.runtimes, True, "master_port", snapshot))
         )
-        self._timeout = timeout
         return [] if isinstance(ports, int) else [p for p in ports if p != self._port]
 
     def scheduler_spec(self, listen_host: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -324,9 +324,6 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 self, runtime_group, ports, master_launcher, worker_launcher
             )
             prologue = setting("prologue", prologue, str, optional=True)
-            if prologue:
-                runtime_group.execute_task(RuntimeTask("prologue").run_command(prologue),
-                                           broadcast=True, execute_async=False, debug=debug)
             if self._python is None and not prologue:  # a prologue may install it
                 missing = [r.host for r in runtime_group.runtimes
                            if r.info.get("distributed_version") is None]
@@ -342,6 +339,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             initial = self._plan_workers(
                 runtime_group.runtime_count if n_workers is None else n_workers, {}
             )
+            if prologue:
+                runtime_group.execute_task(RuntimeTask("prologue").run_command(prologue),
+                                           broadcast=True, execute_async=False, debug=debug)
             # Remote interpreters start importing now, while the scheduler starts here.
             self._prewarm(Counter(self._hosts_of[name] for name in initial), forkserver=False)
             listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
@@ -427,8 +427,11 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         try:
             await SpecCluster._start(self)
         except Exception as exc:
-            cause = exc.__cause__ or exc
-            raise MasterStartError("localhost", self.master_port, str(cause)) from exc
+            root: BaseException = exc
+            while root.__cause__ is not None:  # Dask wraps the real reason twice
+                root = root.__cause__
+            raise MasterStartError("localhost", self.master_port,
+                                   f"{type(root).__name__}: {root}") from exc
         if self._tunnel is not False:
             port = self.master_port
             assert port is not None
@@ -705,7 +708,18 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                     await runtime._expose_to_runtime(port, port)
 
     async def _correct_state_internal(self) -> None:
-        await SpecCluster._correct_state_internal(self)
+        try:
+            await SpecCluster._correct_state_internal(self)
+        except Exception as exc:
+            # SpecCluster keeps workers that failed to start: drop them so worker_spec,
+            # workers and the scheduler agree, free their ports, and say why.
+            failed = [n for n, w in self.workers.items() if w.status != Status.running]
+            for name in failed:
+                self.workers.pop(name).status = Status.failed  # it tore itself down already
+                self.worker_spec.pop(name, None)
+                self._release_ports(name)
+            logger.error("workers %s failed to start: %s", failed, exc)
+            raise
         if self.status == Status.running and self._warm_spares > 0:
             await on_loop(self._refill_spares())
 
