@@ -190,6 +190,7 @@ class Bench:
                 with contextlib.suppress(Exception):
                     h.down()
         self.mgr = self.hosts = None
+        shutil.rmtree(self.tmp / "pkg", ignore_errors=True)  # the logs stay for a look
 
     # -- cleanliness between runs --------------------------------------------------------------
 
