@@ -116,12 +116,32 @@ class RemoteProcess:
         """Whether the remote process has ended."""
         return self._process.is_closing() or self._readers[0].done()
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def wait_exit(self, timeout: float) -> bool:
+        """Wait for the process to end by itself (e.g. closed by the scheduler).
+
+        Args:
+            timeout: Seconds to wait.
+
+        Returns:
+            Whether it ended.
+        """
+        try:
+            await asyncio.wait_for(asyncio.shield(self._readers[0]), timeout)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            return self._readers[0].done()
+        return True
+
+    async def stop(self, grace: float = 10.0, settle: float = 0.0) -> None:
         """Close the server gracefully, then kill its process group if it lingers.
 
         Args:
-            grace: Seconds to wait for a graceful exit.
+            grace: Seconds to wait for a graceful exit after asking for it.
+            settle: Seconds to first let it end on its own: a worker the scheduler is
+                already closing must not be told twice (its nanny then waits 4 s and kills).
         """
+        if settle and await self.wait_exit(settle):
+            await self.kill()
+            return
         if not self.exited:
             try:
                 self._process.stdin.write(b"stop\n")

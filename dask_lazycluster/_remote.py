@@ -193,8 +193,8 @@ def serve(request: dict[str, Any]) -> None:
         sys.stderr.flush()
         os._exit(1)
     _emit(events, event="exited")
-    sys.stderr.flush()
-    os._exit(0)
+    # Take helpers along (a nanny's fork server): they hold the channel's pipes open.
+    _kill_group()
 
 
 def warm(request: dict[str, Any]) -> None:

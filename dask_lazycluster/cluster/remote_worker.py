@@ -150,7 +150,7 @@ class RemoteWorker(ProcessInterface):
 
     async def _teardown(self, graceful: bool = False) -> None:
         if self.process is not None:
-            await (self.process.stop(5) if graceful else self.process.kill())
+            await (self.process.stop(5, settle=5) if graceful else self.process.kill())
         group = self._group()
         runtime = group.get_runtime(self.host)
         for kind, port in self._tunnels:
