@@ -196,8 +196,10 @@ class RuntimeGroup:
 
     # -- ports ----------------------------------------------------------------------------------
 
-    async def _busy_ports(self, runtimes: list[Runtime]) -> dict[str, set[int]]:
-        found = await asyncio.gather(*(r._listening_ports() for r in runtimes))
+    async def _busy_ports(
+        self, runtimes: list[Runtime], max_age: float = 0.0
+    ) -> dict[str, set[int]]:
+        found = await asyncio.gather(*(r._listening_ports(max_age) for r in runtimes))
         return {r.host: ports for r, ports in zip(runtimes, found, strict=True)}
 
     async def _pick_port(

@@ -16,6 +16,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -171,6 +172,7 @@ class Runtime:
         self._tasks: list[RuntimeTask] = []
         self._closed = False
         self._lost = False
+        self._probed_ports: tuple[float, set[int]] = (float("-inf"), set())
         self._listeners: list[Callable[[str, bool], None]] = []
         self._reconnector: asyncio.Future[None] | None = None
 
@@ -252,6 +254,7 @@ class Runtime:
                 f"{stderr.decode(errors='replace').strip()[-500:]}",
             )
         self._info = json.loads(stdout.decode().strip().splitlines()[-1])
+        self._probed_ports = (time.monotonic(), parse_listening_ports(self._info.pop("proc_net_tcp")))
         if self._wd is None:
             self._wd = f"{self._info['tmp']}/lazycluster-{uuid.uuid4().hex[:12]}"
         else:
@@ -471,7 +474,11 @@ class Runtime:
 
     # -- ports ----------------------------------------------------------------------------------
 
-    async def _listening_ports(self) -> set[int]:
+    async def _listening_ports(self, max_age: float = 0.0) -> set[int]:
+        """Listening TCP ports on the host; the probe's reading if younger than ``max_age`` s."""
+        taken_at, ports = self._probed_ports
+        if max_age and time.monotonic() - taken_at <= max_age:
+            return set(ports)
         result = await self._connection.run(
             "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=False
         )

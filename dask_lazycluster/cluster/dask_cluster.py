@@ -9,8 +9,11 @@ lazycluster way; in tunnel mode every port is reachable as ``localhost:<port>`` 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
+import sys
+import threading
 import weakref
 from collections import Counter
 from contextlib import suppress
@@ -297,6 +300,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                               "a port number", optional=True)
         self._debug = debug
         self._security = _resolve_security(kwargs.pop("security", None))
+        _preload_dashboard(sched_options)
         self._owns_group = runtime_group is None
         if runtime_group is None:
             hosts = setting("hosts", None, list, lambda v: all(isinstance(h, str) for h in v),
@@ -385,7 +389,11 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             if isinstance(launcher, LocalMasterLauncher | RoundRobinLauncher):
                 launcher._cluster = weakref.ref(self)
         # One snapshot of every host's listening ports serves the master and all worker ports.
-        self._busy_by_host = run_sync(on_loop(self._group._busy_ports(self._group.runtimes)))
+        # A probe of the last few seconds (RuntimeGroup(...) right before) is fresh enough: a
+        # port taken since makes its forward fail loudly, never silently.
+        self._busy_by_host = run_sync(
+            on_loop(self._group._busy_ports(self._group.runtimes, max_age=30))
+        )
         self._busy_snapshot = set().union(*self._busy_by_host.values())
 
     def _master_launcher_spec(self, listen: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -784,6 +792,23 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             KeyError: If no such worker is planned.
         """
         return self._group.get_runtime(self._hosts_of[worker_name])
+
+
+def _preload_dashboard(scheduler_options: dict[str, Any]) -> None:
+    """Import the scheduler's dashboard (bokeh, ~0.5 s) in a thread during the SSH work.
+
+    The scheduler imports it on start anyway; this only moves the wait off the critical path.
+    """
+    if scheduler_options.get("dashboard") is False or "distributed.dashboard.scheduler" in (
+        sys.modules
+    ):
+        return
+
+    def load() -> None:
+        with suppress(ImportError):
+            importlib.import_module("distributed.dashboard.scheduler")
+
+    threading.Thread(target=load, name="lazycluster-dashboard-import", daemon=True).start()
 
 
 def _resolve_security(security: Any) -> Security | None:
