@@ -53,6 +53,14 @@ class Env:
         with echo_server_on_manager(port):
             DaskCluster(self.group, master_port=port)
 
+    def cluster_without_distributed(self) -> None:
+        # Debian's own python3 on the hosts has no distributed.
+        group = RuntimeGroup(runtimes=[Runtime(self.h, python="/usr/bin/python3")])
+        try:
+            DaskCluster(group, n_workers=1)
+        finally:
+            group.cleanup()
+
     def config_wrong_type(self) -> None:
         with dask.config.set({"lazycluster.n-workers": "three"}):
             DaskCluster(self.group)
@@ -103,8 +111,7 @@ CASES: list[Case] = [
     ("wrong remote python for workers", lambda e: DaskCluster(e.group, python="/no/python",
                                                               n_workers=1),
      LazyclusterError, "/no/python"),
-    ("distributed missing on the host", lambda e: DaskCluster(
-        RuntimeGroup(runtimes=[Runtime(e.h, python="/usr/bin/python3")]), n_workers=1),
+    ("distributed missing on the host", lambda e: e.cluster_without_distributed(),
      LazyclusterError, "distributed is not installed"),
     ("config file with a wrong type", lambda e: e.config_wrong_type(), TypeError,
      "lazycluster.n-workers"),
