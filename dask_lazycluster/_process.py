@@ -59,6 +59,7 @@ class RemoteProcess:
         self._process = process
         self._debug = debug
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._hurry = asyncio.Event()
         self._readers = [
             asyncio.ensure_future(self._read_events()),
             asyncio.ensure_future(self._read_log()),
@@ -125,11 +126,15 @@ class RemoteProcess:
         Returns:
             Whether it ended.
         """
-        try:
-            await asyncio.wait_for(asyncio.shield(self._readers[0]), timeout)
-        except (asyncio.TimeoutError, OSError, asyncssh.Error):
-            return self._readers[0].done()
-        return True
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        ended: asyncio.Future[Any] = asyncio.shield(self._readers[0])
+        await asyncio.wait([ended, hurry], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        return self._readers[0].done()
+
+    def hurry(self) -> None:
+        """Cut a :meth:`wait_exit` short (the cluster is closing: no time for courtesy)."""
+        self._hurry.set()
 
     async def stop(self, grace: float = 10.0, settle: float = 0.0) -> None:
         """Close the server gracefully, then kill its process group if it lingers.
@@ -139,7 +144,7 @@ class RemoteProcess:
             settle: Seconds to first let it end on its own: a worker the scheduler is
                 already closing must not be told twice (its nanny then waits 4 s and kills).
         """
-        if settle and await self.wait_exit(settle):
+        if settle and (await self.wait_exit(settle) or self._hurry.is_set()):
             await self.kill()
             return
         if not self.exited:

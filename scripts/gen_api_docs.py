@@ -827,10 +827,7 @@ def render_index(modules: dict[str, ModuleType]) -> str:
 def _cli_block(modules: dict[str, ModuleType], linker: Linker) -> str:
     """The ``dask lazycluster`` command reference, from ``dask_lazycluster.cli``."""
     name = f"{PACKAGE}.cli"
-    module = modules.get(name)
-    if module is None:
-        return ("*`dask_lazycluster/cli.py` does not exist yet: this section is filled from it by "
-                "`python scripts/gen_api_docs.py` once it does.*\n")
+    module = modules[name]
     out = []
     for command_name, command in _click_commands(module):
         out += [f"### `{command_name}`", "", "```text", _click_help(command, command_name).rstrip(),
@@ -876,10 +873,7 @@ def _click_help(command: Any, path: str) -> str:
 def _runtime_manager_block(modules: dict[str, ModuleType], linker: Linker) -> str:
     """A summary of ``RuntimeManager`` with a link to its API page."""
     name = f"{PACKAGE}.runtime_manager"
-    module = modules.get(name)
-    if module is None:
-        return ("*`dask_lazycluster/runtime_manager.py` does not exist yet: this section is filled "
-                "from its docstrings by `python scripts/gen_api_docs.py` once it does.*\n")
+    module = modules[name]
     manager = getattr(module, "RuntimeManager", None)
     out = []
     if manager is not None:

@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -154,6 +155,19 @@ def _stderr_after_abort(proc: subprocess.Popen[str]) -> str:
     return proc.stderr.read() if proc.stderr else ""
 
 
+@contextlib.contextmanager
+def diagnosed(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """On a failed assertion add ``up``'s thread dump and stderr; never leave it running."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstderr of up:\n{_stderr_after_abort(proc)}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def working_dirs(hosts: TestHosts) -> set[str]:
     """Temp working dirs in use by processes inside the test hosts right now."""
     found = set()
@@ -179,7 +193,7 @@ def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts) -> None:
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     seen: list[str] = []
-    try:
+    with diagnosed(proc):
         address = _wait_for(lines, r"^Scheduler: (tcp://\S+)", seen).group(1)
         _wait_for(lines, r"^Ready: 2 worker", seen)
         assert not any("Workers ready" in line for line in seen)  # no progress without a tty
@@ -190,12 +204,6 @@ def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts) -> None:
         assert ours, "the workers should run in a temp working dir"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nstderr of up:\n{_stderr_after_abort(proc)}") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     _wait_for(lines, r"^Closed\.", seen, timeout=5)
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
     assert not wait_no_leftovers(hosts)
@@ -208,7 +216,9 @@ def test_up_on_a_terminal_shows_progress_and_stops_on_sigterm(hosts: TestHosts) 
                     stdout=slave)
     os.close(slave)
     output = b""
-    try:
+    with contextlib.ExitStack() as closing:
+        closing.callback(os.close, master)
+        closing.enter_context(diagnosed(proc))
         deadline = time.monotonic() + 90
         while b"Press Ctrl-C" not in output and time.monotonic() < deadline:
             if select.select([master], [], [], 0.5)[0]:
@@ -221,13 +231,6 @@ def test_up_on_a_terminal_shows_progress_and_stops_on_sigterm(hosts: TestHosts) 
         assert "adapting between 1 and 2" in text, text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nstderr of up:\n{_stderr_after_abort(proc)}") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
     assert not wait_no_leftovers(hosts)
 
 

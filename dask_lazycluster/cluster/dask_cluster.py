@@ -27,7 +27,7 @@ from distributed.security import Security
 from distributed.utils import NoOpAwaitable
 
 import dask_lazycluster.config  # noqa: F401  (registers the lazycluster.* defaults)
-from dask_lazycluster._loop import on_loop, run_sync
+from dask_lazycluster._loop import get_loop, on_loop, run_sync
 from dask_lazycluster.cluster.exceptions import MasterStartError
 from dask_lazycluster.cluster.remote_worker import RemoteWorker
 from dask_lazycluster.cluster.runtime_cluster import (
@@ -734,6 +734,11 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
     async def _close(self) -> None:
         for runtime in self._group.runtimes:
             runtime.remove_connection_listener(self._on_connection_change)
+        # Workers still being retired by an earlier scale-down need not wait politely now.
+        processes = [w.process for w in self.workers.values()
+                     if isinstance(w, RemoteWorker) and w.process is not None]
+        for process in processes:
+            get_loop().call_soon_threadsafe(process.hurry)
         await SpecCluster._close(self)
         with suppress(Exception):
             await on_loop(_gather(*(r._drain_warm() for r in self._group.runtimes)))
