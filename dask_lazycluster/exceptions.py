@@ -57,7 +57,7 @@ class TaskExecutionError(LazyclusterError):
 
     Args:
         task_name: Name of the task.
-        step: Index and description of the failing step.
+        step: Description of the failing step (its number and kind where known).
         host: The runtime host the task ran on.
         detail: The tail of the step's output / the cause.
     """

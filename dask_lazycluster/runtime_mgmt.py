@@ -42,6 +42,7 @@ class RuntimeGroup:
     Raises:
         ValueError: If both or neither of ``runtimes``/``hosts`` are given, the list is empty or
             holds a host twice.
+        TypeError: If a host name is not a non-empty str.
         InvalidRuntimeError: If a host cannot be used (no connection is left open then).
     """
 
@@ -402,6 +403,7 @@ class RuntimeGroup:
             The task, or one task per runtime when broadcasting.
 
         Raises:
+            TypeError: If ``task`` is not a RuntimeTask.
             ValueError: If ``host`` is not in the group.
             TaskExecutionError: If a step fails and ``execute_async`` is False.
         """

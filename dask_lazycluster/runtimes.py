@@ -330,9 +330,9 @@ class Runtime:
             self._notify(True)
             return
 
-    async def _ensure_working_dir(self) -> str:
+    async def _ensure_working_dir(self, force: bool = False) -> str:
         assert self._wd is not None
-        if not self._wd_ready:
+        if force or not self._wd_ready:
             quoted = shlex.quote(self._wd)
             result = await self._connection.run(f"mkdir -p -m 700 {quoted}", check=False)
             if result.exit_status != 0:
@@ -363,7 +363,8 @@ class Runtime:
     @property
     def working_dir(self) -> str:
         """The remote working directory (created on first use, mode 0700)."""
-        return run_sync(on_loop(self._ensure_working_dir()))
+        # Always (re)create: a process that lost its manager may have removed it.
+        return run_sync(on_loop(self._ensure_working_dir(force=True)))
 
     @property
     def env_variables(self) -> dict[str, str]:
@@ -602,7 +603,8 @@ class Runtime:
     # -- tasks ----------------------------------------------------------------------------------
 
     async def _run_command(self, task: RuntimeTask, command: str, debug: bool) -> None:
-        wd = await self._ensure_working_dir()
+        wd = self._working_dir_path
+        self._wd_ready = True  # created by the remote side (same round trip)
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self._env.items())
         # mkdir each time (free: same round trip): the dir may have been removed under us.
         quoted = shlex.quote(wd)
@@ -633,7 +635,8 @@ class Runtime:
     async def _run_function(
         self, task: RuntimeTask, function: Callable[..., Any], kwargs: dict[str, Any], debug: bool
     ) -> None:
-        wd = await self._ensure_working_dir()
+        wd = self._working_dir_path
+        self._wd_ready = True  # created by the remote side (same round trip)
         payload = cloudpickle.dumps((function, kwargs))
         process = await self._connection.create_process(self._python_command(), encoding=None)
         # stdin stays open: its end tells the remote side to kill the function's process group.
