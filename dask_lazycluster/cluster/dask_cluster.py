@@ -29,7 +29,7 @@ from distributed.utils import NoOpAwaitable
 import dask_lazycluster.config  # noqa: F401  (registers the lazycluster.* defaults)
 from dask_lazycluster._loop import get_loop, on_loop, run_sync
 from dask_lazycluster.cluster.exceptions import MasterStartError
-from dask_lazycluster.cluster.remote_worker import RemoteWorker
+from dask_lazycluster.cluster.remote_worker import RemoteWorker, is_nanny
 from dask_lazycluster.cluster.runtime_cluster import (
     MasterLauncher,
     MasterWorkerCluster,
@@ -362,7 +362,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 self,
                 workers=initial,
                 scheduler=scheduler,
-                worker=self._worker_template(),
+                worker=self._template,
                 asynchronous=asynchronous,
                 **kwargs,
             )
@@ -380,7 +380,6 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             runtime.add_connection_listener(self._on_connection_change)
         self._hosts_of: dict[str, str] = {}
         self._counter = 0
-        self._busy_snapshot: set[int] = set()
         self._direct_hosts: set[str] = set() if self._tunnel is True else set(self._group.hosts)
         if self._tunnel == "auto":
             runtimes = self._group.runtimes
@@ -397,7 +396,9 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._busy_by_host = run_sync(
             on_loop(self._group._busy_ports(self._group.runtimes, max_age=30))
         )
-        self._busy_snapshot = set().union(*self._busy_by_host.values())
+        self._busy_snapshot: set[int] = set().union(*self._busy_by_host.values())
+        # The hosts' facts do not change: compute the new-worker options once, not per worker.
+        self._template = self._worker_template()
 
     def _master_launcher_spec(self, listen: str, options: dict[str, Any]) -> dict[str, Any]:
         launcher = self._master_launcher
@@ -463,7 +464,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
     def _ports_needed(self, host: str) -> int:
         if host in self._direct_hosts:
             return 0
-        return 2 if self._worker_class.rsplit(".", 1)[-1] == "Nanny" else 1
+        return 2 if is_nanny(self._worker_class) else 1
 
     def _take_ports(self, count: int) -> list[int]:
         in_use = {p for ports in self._allocated.values() for p in ports}
@@ -521,7 +522,6 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         return str(host)
 
     def _worker_spec_for(self, name: str, host: str) -> dict[str, Any]:
-        template = self._worker_template()
         return {
             "cls": RemoteWorker,
             "options": {
@@ -530,7 +530,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 "ports": self._allocated[name],
                 "cluster": weakref.ref(self),
                 "worker_class": self._worker_class,
-                "worker_options": template["options"],
+                "worker_options": self._template["options"],
                 "python": self._python,
                 "debug": self._debug,
                 "start_timeout": self._start_timeout,
@@ -666,7 +666,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
 
     async def _refill_spares(self) -> None:
         """Keep ``warm-spares`` warm processes per host for the next scale-up."""
-        nanny = self._worker_class.rsplit(".", 1)[-1] == "Nanny"
+        nanny = is_nanny(self._worker_class)
         await _gather(*(
             r._prewarm(self._warm_spares - r._warm_count, self._python, self._debug, nanny)
             for r in self._group.runtimes

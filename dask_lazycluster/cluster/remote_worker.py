@@ -19,6 +19,18 @@ if TYPE_CHECKING:
     from dask_lazycluster.cluster.dask_cluster import DaskCluster
 
 
+def is_nanny(worker_class: str) -> bool:
+    """Whether a worker class path names a nanny (it needs a second port and a worker process).
+
+    Args:
+        worker_class: Import path such as ``"distributed.Nanny"``.
+
+    Returns:
+        True for a nanny class.
+    """
+    return worker_class.rsplit(".", 1)[-1] == "Nanny"
+
+
 class RemoteWorker(ProcessInterface):
     """A Dask worker (or nanny) on one runtime, started and stopped over its SSH connection.
 
@@ -73,7 +85,7 @@ class RemoteWorker(ProcessInterface):
 
     @property
     def _nanny(self) -> bool:
-        return self._worker_class.rsplit(".", 1)[-1] == "Nanny"
+        return is_nanny(self._worker_class)
 
     def _group(self) -> RuntimeGroup:
         cluster = self._owner()
