@@ -90,8 +90,31 @@ def probe(request: dict[str, Any]) -> None:
         "distributed_version": distributed,
         "tmp": tempfile.gettempdir(),
         "proc_net_tcp": _read_proc_net_tcp(),
+        "pid": os.getpid(),
     }
     print(json.dumps(info), flush=True)
+    if request.get("park"):
+        _park(request)
+
+
+def _park(request: dict[str, Any]) -> None:
+    """Wait a while for a follow-up request, so this interpreter can serve it.
+
+    A cluster started right after connecting asks the probe's interpreter to become its first
+    warm process: one login shell and interpreter start-up fewer per host. Unclaimed, it ends.
+    """
+    import select
+
+    # Nothing is sent before the manager has read the probe's line: select sees all input.
+    ready, _, _ = select.select([sys.stdin.buffer], [], [], float(request["park"]))
+    line = sys.stdin.buffer.readline() if ready else b"bye\n"
+    if not line.strip() or line.strip() == b"bye":
+        if not line and request.get("cleanup_dir"):  # manager gone without a word
+            import shutil
+
+            shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
+        sys.exit(0)
+    dispatch(json.loads(line))
 
 
 def run_function(request: dict[str, Any]) -> None:
@@ -124,9 +147,14 @@ def _watch_lifeline(request: dict[str, Any], on_line: Any = None) -> None:
     except OSError:
         pass
 
+    stream = sys.stdin.buffer
+    # Nobody else may touch stdin: a forked child (a worker) closing it would wait forever
+    # for the lock this thread holds while it reads.
+    sys.stdin = None
+
     def watch() -> None:
         orderly = False
-        for line in sys.stdin.buffer:
+        for line in stream:
             if line.strip() == b"bye":
                 orderly = True
             elif on_line is not None:
@@ -214,14 +242,14 @@ def warm(request: dict[str, Any]) -> None:
     """Import distributed now, then wait for one serve request line and serve it.
 
     The manager starts these ahead of need, so a worker's start skips the interpreter start-up
-    and imports. With ``forkserver`` the nanny's fork server is started (and preloads
-    distributed) too, so the worker process is a fork instead of a fresh interpreter.
+    and imports. With ``forkserver`` (worker-start-method forkserver) the nanny's fork server
+    is started ahead of need too.
     """
     try:
         os.setsid()
     except OSError:
         pass
-    if request.get("forkserver"):
+    if request.get("forkserver"):  # before distributed reads its config
         os.environ["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] = "forkserver"
 
     def preload() -> None:
@@ -283,9 +311,12 @@ def reachability(request: dict[str, Any]) -> None:
         pass
 
 
-def main() -> None:
-    """Read the request line from stdin and run the requested action."""
-    request = json.loads(sys.stdin.buffer.readline())
+def dispatch(request: dict[str, Any]) -> None:
+    """Run one request: its environment and working dir first, then its action.
+
+    Args:
+        request: The decoded request line.
+    """
     os.environ.update(request.get("env") or {})
     cwd = request.get("cwd")
     if cwd:
@@ -293,6 +324,11 @@ def main() -> None:
         os.chdir(cwd)
     actions = {"probe": probe, "function": run_function, "warm": warm, "reach": reachability}
     actions[request["action"]](request)
+
+
+def main() -> None:
+    """Read the request line from stdin and run the requested action."""
+    dispatch(json.loads(sys.stdin.buffer.readline()))
 
 
 if __name__ == "__main__":

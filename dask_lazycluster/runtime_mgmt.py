@@ -13,7 +13,12 @@ from dask_lazycluster.exceptions import (
     PortInUseError,
 )
 from dask_lazycluster.runtimes import Runtime, RuntimeTask
-from dask_lazycluster.utils import localhost_has_free_port, validate_port, validate_ports
+from dask_lazycluster.utils import (
+    localhost_has_free_port,
+    preload_dashboard,
+    validate_port,
+    validate_ports,
+)
 
 
 def _host_list(hosts: Iterable[str] | None, argument: str) -> list[str]:
@@ -73,6 +78,8 @@ class RuntimeGroup:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"hosts lists {', '.join(duplicates)} more than once")
+        # Groups are made for Dask clusters: their scheduler's slowest import runs meanwhile.
+        preload_dashboard()
         created = run_sync(_connect_all(names, working_dir, connect_options, python))
         self._runtimes = {r.host: r for r in created}
 

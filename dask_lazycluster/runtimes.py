@@ -27,6 +27,7 @@ import asyncssh
 import cloudpickle
 
 from dask_lazycluster import _remote
+from dask_lazycluster._batching import batch_writes
 from dask_lazycluster._loop import get_loop, on_loop, run_sync
 from dask_lazycluster._process import RemoteProcess, _say_bye, _tail
 from dask_lazycluster._task import RuntimeTask
@@ -43,8 +44,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # AES-GCM measured ~1.3x the default cipher's tunnel throughput here; keep the rest as fallback.
+# How long a probe's interpreter waits to become the first warm process (see ``_take_parked``),
+# and how much sooner than that the manager stops counting on it (the two clocks race).
+PROBE_PARK_SECONDS = 30.0
+_PARK_MARGIN = 5.0
 _PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REMOTE_SOURCE = Path(_remote.__file__).read_bytes()
+_SOURCE_PREFIX = str(len(_REMOTE_SOURCE)).encode() + b"\n" + _REMOTE_SOURCE  # what BOOTSTRAP reads
 # Runs a task command read from stdin; a watcher on the rest of stdin kills the whole process
 # group when the SSH channel closes. (Background jobs get /dev/null as stdin unless redirected
 # explicitly, hence fd 3.)
@@ -173,6 +179,8 @@ class Runtime:
         self._closed = False
         self._lost = False
         self._probed_ports: tuple[float, set[int]] = (float("-inf"), set())
+        self._parked: tuple[float, RemoteProcess] | None = None
+        self._parked_pid = 0
         self._listeners: list[Callable[[str, bool], None]] = []
         self._reconnector: asyncio.Future[None] | None = None
 
@@ -196,10 +204,17 @@ class Runtime:
         options["client_factory"] = lambda: _LifelineClient(ref)
         return options, timeout
 
+    async def _open_connection(
+        self, options: dict[str, Any], timeout: float
+    ) -> asyncssh.SSHClientConnection:
+        conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
+        batch_writes(conn)
+        return conn
+
     async def _connect(self) -> None:
         options, timeout = self._ssh_options()
         try:
-            self._conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
+            self._conn = await self._open_connection(options, timeout)
         except Exception as exc:
             raise InvalidRuntimeError(self._host, _describe_connect_error(exc, timeout)) from exc
         try:
@@ -230,30 +245,40 @@ class Runtime:
             f'fi; done; echo "no python found (tried: {" ".join(candidates)})" >&2; exit 127'
         )
 
-    def _request(self, action: str, env: dict[str, str] | None = None, **fields: Any) -> bytes:
-        """The bytes to write to a bootstrapped python: this module's source, then the request."""
+    def _request_line(self, action: str, env: dict[str, str] | None = None, **fields: Any) -> bytes:
+        """One request for the remote module (:func:`_remote.dispatch`), as a JSON line."""
         header = {"action": action, "env": {**self._env, **(env or {})},
                   "cleanup_dir": self._wd if self._wd_is_temp else None, **fields}
-        return (
-            str(len(_REMOTE_SOURCE)).encode() + b"\n" + _REMOTE_SOURCE
-            + json.dumps(header).encode() + b"\n"
-        )
+        return json.dumps(header).encode() + b"\n"
+
+    def _request(self, action: str, env: dict[str, str] | None = None, **fields: Any) -> bytes:
+        """The bytes to write to a bootstrapped python: this module's source, then the request."""
+        return _SOURCE_PREFIX + self._request_line(action, env, **fields)
 
     async def _probe(self) -> None:
         assert self._conn is not None
-        result = await self._conn.run(
-            self._python_command(), input=self._request("probe"), encoding=None, check=False
-        )
-        stdout = result.stdout if isinstance(result.stdout, bytes) else b""
-        stderr = result.stderr if isinstance(result.stderr, bytes) else b""
-        if result.exit_status != 0:
+        process = await self._conn.create_process(self._python_command(), encoding=None)
+        process.stdin.write(self._request("probe", park=PROBE_PARK_SECONDS))
+        line = b""
+        while not line.startswith(b"{"):  # skip anything a login script printed
+            line = await process.stdout.readline()
+            if not line:
+                break
+        if not line:
+            result = await process.wait()
+            stderr = result.stderr if isinstance(result.stderr, bytes) else b""
             what = self._requested_python or "python"
             raise InvalidRuntimeError(
                 self._host,
                 f"cannot run {what!r} (exit {result.exit_status}): "
                 f"{stderr.decode(errors='replace').strip()[-500:]}",
             )
-        self._info = json.loads(stdout.decode().strip().splitlines()[-1])
+        self._info = json.loads(line)
+        # The probe's interpreter waits a while: the first warm process can be this one.
+        parked = RemoteProcess(self, process, "probe", False, self._info["python"])
+        self._servers.add(parked)
+        self._parked = (time.monotonic(), parked)
+        self._parked_pid = int(self._info.pop("pid"))
         self._probed_ports = (time.monotonic(), parse_listening_ports(self._info.pop("proc_net_tcp")))
         if self._wd is None:
             self._wd = f"{self._info['tmp']}/lazycluster-{uuid.uuid4().hex[:12]}"
@@ -306,6 +331,7 @@ class Runtime:
         self._lost = True
         logger.warning("SSH connection to %s lost (%s); reconnecting", self._host, exc or "closed")
         self._warm = []  # those processes died with the connection
+        self._parked = None
         self._servers.clear()
         self._forwards.clear()
         self._reconnector = asyncio.ensure_future(self._reconnect())
@@ -317,7 +343,7 @@ class Runtime:
             await asyncio.sleep(delay)
             options, timeout = self._ssh_options()
             try:
-                conn = await asyncio.wait_for(asyncssh.connect(self._host, **options), timeout)
+                conn = await self._open_connection(options, timeout)
             except Exception as exc:  # keep trying: hosts come back after reboots and outages
                 logger.debug("reconnect to %s failed: %s", self._host, exc)
                 delay = min(delay * 1.5, 5.0)
@@ -793,15 +819,31 @@ class Runtime:
 
     # -- Dask servers -----------------------------------------------------------------------------
 
+    def _take_parked(self, python: str | None) -> RemoteProcess | None:
+        """The parked probe interpreter, if it runs ``python`` and surely waits still."""
+        if self._parked is None:
+            return None
+        since, parked = self._parked
+        self._parked = None
+        fresh = time.monotonic() - since < PROBE_PARK_SECONDS - _PARK_MARGIN
+        if fresh and not parked.exited and python in (None, parked.python):
+            return parked
+        asyncio.ensure_future(parked.kill())  # too old or the wrong python: let it go
+        return None
+
     async def _launch_warm(self, python: str | None, debug: bool, forkserver: bool) -> RemoteProcess:
         """Start a python that imports distributed at once and then waits for a serve request."""
-        process = await self._connection.create_process(
-            self._python_command(python), encoding=None
-        )
-        server = RemoteProcess(self, process, "warm", debug, python or self.python)
-        self._servers.add(server)
+        server = self._take_parked(python)
+        if server is None:
+            process = await self._connection.create_process(
+                self._python_command(python), encoding=None
+            )
+            server = RemoteProcess(self, process, "warm", debug, python or self.python)
+            self._servers.add(server)
+            process.stdin.write(_SOURCE_PREFIX)
+        server.name, server._debug = "warm", debug
         self._wd_ready = True  # the remote side creates it (mode 0700)
-        process.stdin.write(self._request("warm", cwd=self._wd, forkserver=forkserver))
+        server._process.stdin.write(self._request_line("warm", cwd=self._wd, forkserver=forkserver))
         return server
 
     async def _prewarm(

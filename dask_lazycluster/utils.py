@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import socket
+import sys
+import threading
 from collections.abc import Iterable
 
 _LISTEN = "0A"  # TCP state code of a listening socket in /proc/net/tcp
@@ -84,3 +87,29 @@ def validate_ports(ports: object, argument: str) -> list[int]:
     if isinstance(ports, (str, bytes)) or not isinstance(ports, Iterable):
         raise TypeError(f"{argument} must be a port or a list of ports, got {ports!r}")
     return [validate_port(p, argument) for p in ports]
+
+
+def preload_dashboard() -> None:
+    """Import the scheduler's dashboard (bokeh, ~0.4 s of CPU) in a background thread.
+
+    A scheduler imports it when it starts; doing it while the manager waits on SSH round trips
+    takes that time off the start-up path. Returns at once; a no-op once imported or begun.
+    """
+    global _dashboard_loader
+    with _dashboard_lock:
+        if _dashboard_loader is not None or "distributed.dashboard.scheduler" in sys.modules:
+            return
+
+        def load() -> None:
+            try:
+                importlib.import_module("distributed.dashboard.scheduler")
+            except ImportError:  # no bokeh: the scheduler runs without a dashboard anyway
+                pass
+
+        _dashboard_loader = threading.Thread(target=load, name="lazycluster-dashboard-import",
+                                             daemon=True)
+        _dashboard_loader.start()
+
+
+_dashboard_lock = threading.Lock()
+_dashboard_loader: threading.Thread | None = None

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from dask_lazycluster import RuntimeGroup
+from dask_lazycluster.runtimes import _live_runtimes
 from dask_lazycluster.testing import TestHosts
 
 pytest_plugins = ["dask_lazycluster.testing.pytest_plugin"]
 
 
+def parked_probe_pids() -> set[int]:
+    """Probe interpreters that this process's live runtimes keep waiting (not leaks).
+
+    Each lives at most ``PROBE_PARK_SECONDS`` and ends with its runtime's connection.
+    """
+    return {r._parked_pid for r in _live_runtimes if r._parked is not None}
+
+
 def ours_left(*host_sets: TestHosts) -> dict[str, list[str]]:
-    """Processes of ours (anything but sshd) still alive inside the test hosts."""
+    """Processes of ours (anything but sshd and parked probes) still alive in the test hosts."""
     found: dict[str, list[str]] = {}
+    parked = parked_probe_pids()
     for hosts in host_sets:
-        for name, cmdlines in hosts.leftover_processes().items():
-            mine = [c for c in cmdlines if not c.startswith("sshd")]
+        for name in hosts.names:
+            mine = []
+            for pid in hosts.pids(name):
+                if pid in parked:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    cmdline = " ".join(psutil.Process(pid).cmdline()) or f"[pid {pid}]"
+                    if not cmdline.startswith("sshd"):
+                        mine.append(cmdline)
             if mine:
                 found[name] = mine
     return found

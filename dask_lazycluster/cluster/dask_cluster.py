@@ -9,11 +9,8 @@ lazycluster way; in tunnel mode every port is reachable as ``localhost:<port>`` 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import math
-import sys
-import threading
 import weakref
 from collections import Counter
 from contextlib import suppress
@@ -39,7 +36,7 @@ from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 from dask_lazycluster.runtimes import Runtime, RuntimeTask
-from dask_lazycluster.utils import localhost_has_free_port
+from dask_lazycluster.utils import localhost_has_free_port, preload_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -299,11 +296,17 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._start_timeout = float(setting("worker-start-timeout", None, (int, float),
                                             lambda v: v > 0, "seconds > 0"))
         self._warm_spares = setting("warm-spares", None, int, lambda v: v >= 0, "an int >= 0")
+        self._start_method = setting("worker-start-method", None, str,
+                                     lambda v: v in ("fork", "spawn", "forkserver"),
+                                     "'fork', 'spawn' or 'forkserver'")
+        # The nanny's setting travels as Dask config in the environment; the user's env wins.
+        self._env = {_MP_METHOD_ENV: self._start_method, **self._env}
         master_port = setting("master-port", master_port, int, lambda v: 0 < v < 65536,
                               "a port number", optional=True)
         self._debug = debug
         self._security = _resolve_security(kwargs.pop("security", None))
-        _preload_dashboard(sched_options)
+        if sched_options.get("dashboard") is not False:
+            preload_dashboard()
         self._owns_group = runtime_group is None
         if runtime_group is None:
             hosts = setting("hosts", None, list, lambda v: all(isinstance(h, str) for h in v),
@@ -350,7 +353,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 runtime_group.execute_task(RuntimeTask("prologue").run_command(prologue),
                                            broadcast=True, execute_async=False, debug=debug)
             # Remote interpreters start importing now, while the scheduler starts here.
-            self._prewarm(Counter(self._hosts_of[name] for name in initial), forkserver=False)
+            self._prewarm(Counter(self._hosts_of[name] for name in initial))
             listen = "127.0.0.1" if self._tunnel is True else "0.0.0.0"
             if self._security is not None:
                 sched_options = {"protocol": "tls", "security": self._security, **sched_options}
@@ -658,17 +661,24 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             chosen.append(victim)
         return chosen
 
-    def _prewarm(self, per_host: Counter[str], forkserver: bool) -> None:
+    @property
+    def _forkserver(self) -> bool:
+        """Whether warm processes should start the nanny's fork server ahead of need."""
+        method = self._env.get(_MP_METHOD_ENV, self._start_method)
+        return method == "forkserver" and is_nanny(self._worker_class)
+
+    def _prewarm(self, per_host: Counter[str]) -> None:
         runtimes = [self._group.get_runtime(h) for h in per_host]
         run_sync(on_loop(_gather(*(
-            r._prewarm(per_host[r.host], self._python, self._debug, forkserver) for r in runtimes
+            r._prewarm(per_host[r.host], self._python, self._debug, self._forkserver)
+            for r in runtimes
         ))))
 
     async def _refill_spares(self) -> None:
         """Keep ``warm-spares`` warm processes per host for the next scale-up."""
-        nanny = is_nanny(self._worker_class)
         await _gather(*(
-            r._prewarm(self._warm_spares - r._warm_count, self._python, self._debug, nanny)
+            r._prewarm(self._warm_spares - r._warm_count, self._python, self._debug,
+                       self._forkserver)
             for r in self._group.runtimes
             if r._warm_count < self._warm_spares
         ))
@@ -802,21 +812,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         return self._group.get_runtime(self._hosts_of[worker_name])
 
 
-def _preload_dashboard(scheduler_options: dict[str, Any]) -> None:
-    """Import the scheduler's dashboard (bokeh, ~0.5 s) in a thread during the SSH work.
-
-    The scheduler imports it on start anyway; this only moves the wait off the critical path.
-    """
-    if scheduler_options.get("dashboard") is False or "distributed.dashboard.scheduler" in (
-        sys.modules
-    ):
-        return
-
-    def load() -> None:
-        with suppress(ImportError):
-            importlib.import_module("distributed.dashboard.scheduler")
-
-    threading.Thread(target=load, name="lazycluster-dashboard-import", daemon=True).start()
+_MP_METHOD_ENV = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
 
 
 def _resolve_security(security: Any) -> Security | None:

@@ -1,0 +1,120 @@
+"""The start-up shortcuts: parked probe interpreters, forked workers, batched SSH writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+
+import dask
+import psutil
+import pytest
+from distributed import Client
+
+from dask_lazycluster import DaskCluster, Runtime, RuntimeGroup, runtimes
+from dask_lazycluster._remote import BOOTSTRAP
+from dask_lazycluster.testing import TestHosts
+
+from .conftest import wait_no_leftovers
+from .helpers import free_port, wait_until
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+# Inside a host: answer each connection with the byte count and sha256 of all it received.
+DIGEST_SERVER = """
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(4)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    h, n = hashlib.sha256(), 0
+    while True:
+        data = c.recv(1 << 20)
+        if not data:
+            break
+        h.update(data); n += len(data)
+    c.sendall(f"{n} {h.hexdigest()}".encode()); c.close()
+"""
+
+
+def worker_cmdlines(client: Client) -> list[str]:
+    return [" ".join(c) for c in client.run(lambda: psutil.Process().cmdline()).values()]
+
+
+def test_first_workers_run_in_the_probe_interpreters_and_are_forked(
+        hosts: TestHosts) -> None:
+    group = RuntimeGroup(hosts=hosts.names)
+    try:
+        parked = {r.host: r._parked_pid for r in group.runtimes}
+        assert all(psutil.pid_exists(pid) for pid in parked.values())
+        with DaskCluster(group, n_workers=len(hosts.names)) as cluster, Client(cluster) as client:
+            # Each worker process is a child of its nanny, and the nanny is the probe's python.
+            assert sorted(client.run(os.getppid).values()) == sorted(parked.values())
+            # Forked (the default worker-start-method): a fork keeps the nanny's command line
+            # (our bootstrap); a spawned worker's would run multiprocessing's spawn_main.
+            assert all(BOOTSTRAP in c for c in worker_cmdlines(client))
+            assert client.submit(sum, range(10)).result() == 45
+    finally:
+        group.cleanup()
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_worker_start_method_spawn_is_honoured(hosts: TestHosts, group: RuntimeGroup) -> None:
+    with dask.config.set({"lazycluster.worker-start-method": "spawn"}):
+        with DaskCluster(group, n_workers=1) as cluster, Client(cluster) as client:
+            assert all("spawn_main" in c and BOOTSTRAP not in c
+                       for c in worker_cmdlines(client))
+            assert client.submit(sum, range(4)).result() == 6
+
+
+def test_bad_worker_start_method_is_named(group: RuntimeGroup) -> None:
+    with dask.config.set({"lazycluster.worker-start-method": "vfork"}):
+        with pytest.raises(ValueError, match="worker-start-method"):
+            DaskCluster(group, n_workers=1)
+
+
+def test_unclaimed_probe_ends_by_itself(hosts: TestHosts,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtimes, "PROBE_PARK_SECONDS", 1.0)
+    monkeypatch.setattr(runtimes, "_PARK_MARGIN", 0.5)
+    runtime = Runtime(hosts.names[0])
+    try:
+        pid = runtime._parked_pid
+        assert psutil.pid_exists(pid)
+        assert wait_until(lambda: not psutil.pid_exists(pid), timeout=10)
+        # Too old to count on: a cluster starts a fresh interpreter instead, and works.
+        group = RuntimeGroup(runtimes=[runtime])
+        with DaskCluster(group, n_workers=1) as cluster, Client(cluster) as client:
+            assert client.run(os.getppid) and client.submit(len, "abc").result() == 3
+            assert pid not in client.run(os.getppid).values()
+    finally:
+        runtime.cleanup()
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_bulk_data_through_a_forward_arrives_intact(netns: TestHosts) -> None:
+    # SSH writes are batched per loop turn: order and content must survive, in volume.
+    host, remote_port, local_port = netns.names[0], free_port(), free_port()
+    server = netns.popen(host, [sys.executable, "-c", DIGEST_SERVER, str(remote_port)],
+                         stdout=subprocess.PIPE, text=True)
+    runtime = Runtime(host)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        runtime.expose_port_from_runtime(remote_port, local_port)
+        payload = os.urandom(48 << 20)
+        with socket.create_connection(("127.0.0.1", local_port), 10) as conn:
+            view = memoryview(payload)
+            for offset in range(0, len(payload), 100_003):  # odd sizes: packets straddle writes
+                conn.sendall(view[offset:offset + 100_003])
+            conn.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := conn.recv(256):
+                reply += chunk
+        assert reply.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+    finally:
+        runtime.cleanup()
+        server.kill()
+        server.wait()
