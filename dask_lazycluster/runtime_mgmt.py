@@ -278,12 +278,22 @@ class RuntimeGroup:
         )
 
     async def _expose_port_to_runtimes(
-        self, local_port: int, runtime_port: int | None, exclude_hosts: list[str] | str | None
+        self,
+        local_port: int,
+        runtime_port: int | None,
+        exclude_hosts: list[str] | str | None,
+        relay_from: Runtime | None = None,
     ) -> int:
+        """Forward ``runtime_port`` on the runtimes to the manager's ``local_port``.
+
+        With ``relay_from``, to that runtime's ``local_port`` instead, spliced in the manager.
+        """
         target = local_port if runtime_port is None else runtime_port
         runtimes = list(self.get_runtimes(exclude_hosts=exclude_hosts).values())
         results = await asyncio.gather(
-            *(r._expose_to_runtime(local_port, target) for r in runtimes), return_exceptions=True
+            *(r._expose_to_runtime(local_port, target) if relay_from is None
+              else r._relay_from(relay_from, local_port, target) for r in runtimes),
+            return_exceptions=True,
         )
         failed = [(r, e) for r, e in zip(runtimes, results, strict=True) if isinstance(e, Exception)]
         if failed:
@@ -341,7 +351,7 @@ class RuntimeGroup:
         await source._expose_from_runtime(runtime_port, group_port)
         skip = [host] + [r.host for r in self._runtimes.values() if not r.is_alive]
         try:
-            await self._expose_port_to_runtimes(group_port, group_port, skip)
+            await self._expose_port_to_runtimes(runtime_port, group_port, skip, relay_from=source)
         except BaseException:
             await source._close_forward(group_port)
             raise

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from dask_lazycluster import _remote
 from dask_lazycluster._batching import batch_writes
 from dask_lazycluster._loop import get_loop, on_loop, run_sync
 from dask_lazycluster._process import RemoteProcess, _say_bye, _tail
+from dask_lazycluster._relay import relay_factory
 from dask_lazycluster._task import RuntimeTask
 from dask_lazycluster.exceptions import (
     InvalidRuntimeError,
@@ -547,10 +548,23 @@ class Runtime:
         raise NoPortsLeftError(f"none of {len(candidates)} ports is free on {self._host!r}")
 
     async def _expose_to_runtime(self, local_port: int, runtime_port: int) -> int:
+        conn = self._connection
+        return await self._listen_on_runtime(runtime_port, lambda: conn.forward_remote_port(
+            "127.0.0.1", runtime_port, "127.0.0.1", local_port))
+
+    async def _relay_from(self, source: Runtime, source_port: int, runtime_port: int) -> int:
+        """Make ``source``'s ``source_port`` reachable here, spliced inside the manager."""
+        conn = self._connection
+        factory = relay_factory(lambda: source._connection, source_port)
+        return await self._listen_on_runtime(runtime_port, lambda: conn.create_server(
+            factory, "127.0.0.1", runtime_port))
+
+    async def _listen_on_runtime(
+        self, runtime_port: int, listen: Callable[[], Awaitable[asyncssh.SSHListener]]
+    ) -> int:
+        """Open a listener on the host's ``127.0.0.1:runtime_port`` and record it."""
         try:
-            listener = await self._connection.forward_remote_port(
-                "127.0.0.1", runtime_port, "127.0.0.1", local_port
-            )
+            listener = await listen()
         except asyncssh.ChannelListenError as exc:
             if runtime_port in await self._listening_ports():
                 raise PortInUseError(runtime_port, self._host) from exc
