@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -357,11 +357,26 @@ class Runtime:
             self._notify(True)
             return
 
+    @contextlib.contextmanager
+    def _session_limit(self, what: str) -> Iterator[None]:
+        """Name the likely cause when the host refuses one more session on our connection."""
+        try:
+            yield
+        except asyncssh.ChannelOpenError as exc:
+            raise LazyclusterError(
+                f"host {self._host!r} refused a new SSH session for {what} ({exc.reason}). All "
+                f"work on a host shares one SSH connection, and each worker, warm spare, "
+                f"running task and file transfer holds a session on it; sshd allows "
+                f"MaxSessions of them (10 by default). Raise MaxSessions in that host's "
+                f"sshd_config, or lower max-workers-per-host or warm-spares."
+            ) from exc
+
     async def _ensure_working_dir(self, force: bool = False) -> str:
         assert self._wd is not None
         if force or not self._wd_ready:
             quoted = shlex.quote(self._wd)
-            result = await self._connection.run(f"mkdir -p -m 700 {quoted}", check=False)
+            with self._session_limit("creating the working dir"):
+                result = await self._connection.run(f"mkdir -p -m 700 {quoted}", check=False)
             if result.exit_status != 0:
                 raise InvalidRuntimeError(
                     self._host,
@@ -474,7 +489,9 @@ class Runtime:
         server = await asyncio.start_server(lambda r, w: w.close(), self.local_address, 0)
         manager_port = server.sockets[0].getsockname()[1]
         try:
-            process = await self._connection.create_process(self._python_command(), encoding=None)
+            with self._session_limit("the reachability probe"):
+                process = await self._connection.create_process(self._python_command(),
+                                                                encoding=None)
             process.stdin.write(self._request(
                 "reach", manager=self.local_address, manager_port=manager_port,
                 bind=self.remote_address, wait=timeout + 1,
@@ -507,9 +524,10 @@ class Runtime:
         taken_at, ports = self._probed_ports
         if max_age and time.monotonic() - taken_at <= max_age:
             return set(ports)
-        result = await self._connection.run(
-            "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=False
-        )
+        with self._session_limit("reading its listening ports"):
+            result = await self._connection.run(
+                "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=False
+            )
         return parse_listening_ports(str(result.stdout))
 
     def has_free_port(self, port: int) -> bool:
@@ -651,10 +669,11 @@ class Runtime:
         script = f"mkdir -p -m 700 {quoted} && cd {quoted} || exit 1\n{exports}{command}\n"
         # The script goes over stdin so env values never show in `ps`; stdin then stays open
         # as a lifeline, so closing the channel (cleanup, manager gone) kills the command.
-        process = await self._connection.create_process(
-            f"sh -c {shlex.quote(_COMMAND_WRAPPER)} lazycluster {len(script.encode())} "
-            f"{shlex.quote(wd if self._wd_is_temp else '')}"
-        )
+        with self._session_limit(f"task {task.name!r}"):
+            process = await self._connection.create_process(
+                f"sh -c {shlex.quote(_COMMAND_WRAPPER)} lazycluster {len(script.encode())} "
+                f"{shlex.quote(wd if self._wd_is_temp else '')}"
+            )
         process.stdin.write(script)
 
         async def pump(stream: asyncssh.SSHReader[str], label: str) -> None:
@@ -678,7 +697,9 @@ class Runtime:
         wd = self._working_dir_path
         self._wd_ready = True  # created by the remote side (same round trip)
         payload = cloudpickle.dumps((function, kwargs))
-        process = await self._connection.create_process(self._python_command(), encoding=None)
+        with self._session_limit(f"task {task.name!r}"):
+            process = await self._connection.create_process(self._python_command(),
+                                                            encoding=None)
         # stdin stays open: its end tells the remote side to kill the function's process group.
         process.stdin.write(self._request("function", size=len(payload), cwd=wd) + payload)
 
@@ -713,7 +734,8 @@ class Runtime:
 
     async def _sftp_in_working_dir(self) -> asyncssh.SFTPClient:
         """An SFTP client, with the working dir (re)created through it (no extra exec)."""
-        sftp = await self._connection.start_sftp_client()
+        with self._session_limit("a file transfer"):
+            sftp = await self._connection.start_sftp_client()
         wd = self._working_dir_path
         if not await sftp.isdir(wd):
             await sftp.makedirs(wd, attrs=asyncssh.SFTPAttrs(permissions=0o700), exist_ok=True)
@@ -849,9 +871,10 @@ class Runtime:
         """Start a python that imports distributed at once and then waits for a serve request."""
         server = self._take_parked(python)
         if server is None:
-            process = await self._connection.create_process(
-                self._python_command(python), encoding=None
-            )
+            with self._session_limit("a Dask server"):
+                process = await self._connection.create_process(
+                    self._python_command(python), encoding=None
+                )
             server = RemoteProcess(self, process, "warm", debug, python or self.python)
             self._servers.add(server)
             process.stdin.write(_SOURCE_PREFIX)
