@@ -79,6 +79,23 @@ def test_first_workers_run_in_the_probe_interpreters_and_are_forked(
     assert wait_no_leftovers(hosts) == {}
 
 
+def test_forked_workers_restart_and_recover(hosts: TestHosts, group: RuntimeGroup) -> None:
+    # A nanny forks again on restart and after a crash, by then with threads of its own.
+    with DaskCluster(group, n_workers=2) as cluster, Client(cluster) as client:
+        first = set(client.run(os.getpid).values())
+        client.restart()
+        assert sum(client.gather(client.map(lambda x: x * 2, range(100)))) == 9900
+        second = client.run(os.getpid)
+        assert first.isdisjoint(second.values()) and len(second) == 2
+        victim = sorted(second)[0]
+        with pytest.raises(Exception):  # noqa: B017 - the worker dies mid-call: any comm error
+            client.run(lambda: os._exit(1), workers=[victim])
+        assert wait_until(lambda: len(client.scheduler_info()["workers"]) == 2
+                          and second[victim] not in client.run(os.getpid).values(), 30)
+        assert all(BOOTSTRAP in c for c in worker_cmdlines(client))
+        assert client.submit(lambda: 42).result() == 42
+
+
 def test_worker_start_method_spawn_is_honoured(hosts: TestHosts, group: RuntimeGroup) -> None:
     with dask.config.set({"lazycluster.worker-start-method": "spawn"}):
         with DaskCluster(group, n_workers=1) as cluster, Client(cluster) as client:
