@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import re
 import shlex
@@ -30,6 +31,7 @@ import dask.config
 import distributed
 from dask.utils import format_bytes
 from distributed.core import Status
+from distributed.utils import silence_logging_cmgr
 
 from dask_lazycluster._loop import run_sync
 from dask_lazycluster.cluster.dask_cluster import DaskCluster
@@ -296,7 +298,9 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
     modes: dict[str, bool | str] = {"true": True, "false": False, "auto": "auto"}
     tunnel_mode = modes.get((tunnel or "").lower())
     stop = _Stop()
-    with dask.config.set(overrides), stop.installed():
+    # Dask's INFO lines stay quiet for the whole run, shutdown included: closing comms
+    # report themselves with tracebacks after the cluster has restored the log level.
+    with dask.config.set(overrides), stop.installed(), silence_logging_cmgr(logging.WARNING):
         if not dask.config.get("lazycluster.hosts"):
             _fail("no hosts given: pass --hosts or set lazycluster.hosts in the Dask config")
         cluster: DaskCluster | None = None

@@ -159,24 +159,16 @@ def test_start_close_cycles_do_not_leak(fault_hosts: TestHosts) -> None:
         group.cleanup()
 
 
-def test_session_limit_is_named(fault_hosts: TestHosts) -> None:
+def test_session_limit_is_named(netns: TestHosts) -> None:
     # sshd caps sessions per connection (MaxSessions, default 10); every worker holds one.
-    name = fault_hosts.names[1]
-    config = fault_hosts._dir(name) / "sshd_config"
-    original = config.read_text()
-    config.write_text(original.replace("MaxSessions 1000", "MaxSessions 2"))
-    fault_hosts.kill_sshd(name)
-    fault_hosts.start_sshd(name)
-    try:
+    clear_stale("lzsess")
+    with TestHosts(1, prefix="lzsess", home=netns.home, max_sessions=2) as limited:
+        name = limited.names[0]
         group = RuntimeGroup(hosts=[name])
         try:
-            with pytest.raises(LazyclusterError, match=rf"host '{name}' refused a new SSH session.*"
-                                                r"MaxSessions"):
+            with pytest.raises(LazyclusterError, match=rf"host '{name}' refused a new SSH "
+                                                       r"session.*MaxSessions"):
                 DaskCluster(group, n_workers=3, worker_class="distributed.Worker")
         finally:
             group.cleanup()
-        assert wait_no_leftovers(fault_hosts) == {}
-    finally:
-        config.write_text(original)
-        fault_hosts.kill_sshd(name)
-        fault_hosts.start_sshd(name)
+        assert wait_no_leftovers(limited) == {}

@@ -13,7 +13,7 @@ import logging
 import math
 import weakref
 from collections import Counter
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from typing import Any
 
 from dask.utils import parse_bytes, parse_timedelta
@@ -21,7 +21,7 @@ from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 from distributed.security import Security
-from distributed.utils import NoOpAwaitable
+from distributed.utils import NoOpAwaitable, silence_logging_cmgr
 
 import dask_lazycluster.config  # noqa: F401  (registers the lazycluster.* defaults)
 from dask_lazycluster._loop import get_loop, on_loop, run_sync
@@ -304,6 +304,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         master_port = setting("master-port", master_port, int, lambda v: 0 < v < 65536,
                               "a port number", optional=True)
         self._debug = debug
+        # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
+        self._silence_logs = kwargs.setdefault("silence_logs", logging.WARNING)
         self._security = _resolve_security(kwargs.pop("security", None))
         if sched_options.get("dashboard") is not False:
             preload_dashboard()
@@ -359,8 +361,6 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                 sched_options = {"protocol": "tls", "security": self._security, **sched_options}
                 kwargs["security"] = self._security
             scheduler = self._master_launcher_spec(listen, sched_options)
-            # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
-            kwargs.setdefault("silence_logs", logging.WARNING)
             SpecCluster.__init__(
                 self,
                 workers=initial,
@@ -752,7 +752,16 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
                      if isinstance(w, RemoteWorker) and w.process is not None]
         for process in processes:
             get_loop().call_soon_threadsafe(process.hurry)
-        await SpecCluster._close(self)
+        with ExitStack() as quiet:
+            if self._silence_logs:
+                # SpecCluster restores the log level as it returns, while the closed scheduler's
+                # batched sends still report their aborted comms (INFO, with a traceback).
+                quiet.enter_context(silence_logging_cmgr(level=self._silence_logs))
+            await SpecCluster._close(self)
+            await self._close_rest()
+
+    async def _close_rest(self) -> None:
+        """What SpecCluster does not close: warm processes, the scheduler's forwards, the group."""
         with suppress(Exception):
             await on_loop(_gather(*(r._drain_warm() for r in self._group.runtimes)))
         if self.master_port is not None:

@@ -238,6 +238,8 @@ class TestHosts:
         first_host: Host i (from 1) gets address octet first_host + i (10 -> 10.231.0.11);
             None picks the lowest free multiple of 10 (from 10) when up() runs.
         netns_prefix: Namespace name prefix (default: ``lzh`` for ``lzhost``, else prefix).
+        max_sessions: sshd's ``MaxSessions`` (sessions per connection). High by default so
+            tests never meet it; OpenSSH's own default is 10.
 
     Raises:
         ValueError: Invalid arguments.
@@ -248,7 +250,7 @@ class TestHosts:
 
     def __init__(self, n: int = 3, firewall: bool = False, mode: str = "auto",
                  prefix: str = "lzhost", *, home: Path | None = None, first_host: int | None = None,
-                 netns_prefix: str | None = None) -> None:
+                 netns_prefix: str | None = None, max_sessions: int = 1000) -> None:
         if mode == "auto":
             mode = "netns" if os.geteuid() == 0 else "local"
         if mode not in ("netns", "local"):
@@ -261,6 +263,7 @@ class TestHosts:
             raise HarnessError("firewall=True needs netns mode (run as root)")
         self.n, self.firewall, self.mode, self.prefix = n, firewall, mode, prefix
         self.first_host = first_host
+        self.max_sessions = max_sessions
         self.netns_prefix = netns_prefix or _default_netns_prefix(prefix)
         if len(self.netns_prefix) + len(str(n)) + 1 > 15:
             raise ValueError("netns_prefix too long for interface names")
@@ -405,7 +408,8 @@ class TestHosts:
                 f"PidFile {d}/sshd.pid\nAuthorizedKeysFile {tmp}/authorized_keys\n"
                 f"StrictModes {strict}\nPermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-                "PubkeyAuthentication yes\nAllowTcpForwarding yes\nMaxSessions 1000\n"
+                "PubkeyAuthentication yes\nAllowTcpForwarding yes\n"
+                f"MaxSessions {self.max_sessions}\n"
                 "MaxStartups 200\nClientAliveInterval 5\nClientAliveCountMax 3\nLogLevel INFO\n"
                 f"PrintMotd no\nSubsystem sftp internal-sftp\nSetEnv {ENV}={d}\n")
             user = "root" if not local else psutil.Process().username()
