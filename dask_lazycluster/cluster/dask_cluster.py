@@ -253,8 +253,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
 
     DEFAULT_MASTER_PORT = 8786
     # lazycluster.port-range's default; the config value is what DaskCluster uses.
-    DEFAULT_PORT_RANGE_START = 60000
-    DEFAULT_PORT_RANGE_END = 61000
+    DEFAULT_PORT_RANGE_START = 29000
+    DEFAULT_PORT_RANGE_END = 30000
 
     def __init__(
         self,
