@@ -44,11 +44,11 @@ from dask_lazycluster.utils import parse_listening_ports, validate_port, validat
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
-# AES-GCM measured ~1.3x the default cipher's tunnel throughput here; keep the rest as fallback.
 # How long a probe's interpreter waits to become the first warm process (see ``_take_parked``),
 # and how much sooner than that the manager stops counting on it (the two clocks race).
 PROBE_PARK_SECONDS = 30.0
 _PARK_MARGIN = 5.0
+# AES-GCM measured ~1.3x the default cipher's tunnel throughput here; keep the rest as fallback.
 _PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 _REMOTE_SOURCE = Path(_remote.__file__).read_bytes()
 _SOURCE_PREFIX = str(len(_REMOTE_SOURCE)).encode() + b"\n" + _REMOTE_SOURCE  # what BOOTSTRAP reads
