@@ -231,8 +231,8 @@ def serve(request: dict[str, Any]) -> None:
         asyncio.run(run())
     except BaseException:
         _emit(events, event="error", message=traceback.format_exc())
-        sys.stderr.flush()
-        os._exit(1)
+        # Take a half-started worker process along: nothing of a failed server may linger.
+        _kill_group()
     _emit(events, event="exited")
     # Take helpers along (a nanny's fork server): they hold the channel's pipes open.
     _kill_group()

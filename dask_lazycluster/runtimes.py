@@ -849,7 +849,10 @@ class Runtime:
         for task in self._tasks:
             print(f"=== {self._host}: {task.name}")
             task.print_log()
+        parked = self._parked[1] if self._parked else None
         for server in [*self._finished_servers, *self._servers]:
+            if server is parked and not server.log:
+                continue  # a probe interpreter waiting to be used: nothing to show yet
             print(f"=== {self._host}: {server.name}")
             print("\n".join(server.log))
 

@@ -110,6 +110,17 @@ def test_bad_worker_start_method_is_named(group: RuntimeGroup) -> None:
             DaskCluster(group, n_workers=1)
 
 
+def test_print_log_leaves_out_a_waiting_probe(hosts: TestHosts,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    runtime = Runtime(hosts.names[0])
+    try:
+        assert runtime._parked is not None
+        runtime.print_log()
+        assert capsys.readouterr().out == ""
+    finally:
+        runtime.cleanup()
+
+
 def test_unclaimed_probe_ends_by_itself(hosts: TestHosts,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtimes, "PROBE_PARK_SECONDS", 1.0)
