@@ -103,18 +103,33 @@ def _park(request: dict[str, Any]) -> None:
     A cluster started right after connecting asks the probe's interpreter to become its first
     warm process: one login shell and interpreter start-up fewer per host. Unclaimed, it ends.
     """
-    import select
-
     # Nothing is sent before the manager has read the probe's line: select sees all input.
-    ready, _, _ = select.select([sys.stdin.buffer], [], [], float(request["park"]))
-    line = sys.stdin.buffer.readline() if ready else b"bye\n"
-    if not line.strip() or line.strip() == b"bye":
-        if not line and request.get("cleanup_dir"):  # manager gone without a word
-            import shutil
-
-            shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
+    follow_up = _next_request(request, timeout=float(request["park"]))
+    if follow_up is None:
         sys.exit(0)
-    dispatch(json.loads(line))
+    dispatch(follow_up)
+
+
+def _next_request(request: dict[str, Any], timeout: float | None = None) -> dict[str, Any] | None:
+    """Read the next request line from stdin.
+
+    Returns None when the manager said ``bye``, is gone (end of input: the private temp dir
+    is removed too, nobody else will) or wrote nothing within ``timeout`` seconds.
+    """
+    if timeout is not None:
+        import select
+
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
+        if not ready:
+            return None
+    line = sys.stdin.buffer.readline()
+    if line.strip() and line.strip() != b"bye":
+        return dict(json.loads(line))
+    if not line and request.get("cleanup_dir"):  # manager gone without a word
+        import shutil
+
+        shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
+    return None
 
 
 def run_function(request: dict[str, Any]) -> None:
@@ -268,14 +283,10 @@ def warm(request: dict[str, Any]) -> None:
 
     loader = threading.Thread(target=preload, name="lazycluster-preload", daemon=True)
     loader.start()
-    line = sys.stdin.buffer.readline()
-    if not line.strip() or line.strip() == b"bye":
-        if not line and request.get("cleanup_dir"):  # manager gone without a word
-            import shutil
-
-            shutil.rmtree(request["cleanup_dir"], ignore_errors=True)
+    serve_request = _next_request(request)
+    if serve_request is None:
         _kill_group()
-    serve_request = json.loads(line)
+        return
     loader.join()
     env = serve_request.pop("env", None) or {}
     os.environ.update(env)
