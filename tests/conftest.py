@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from dask_lazycluster import RuntimeGroup
@@ -29,15 +27,8 @@ def ours_left(*host_sets: TestHosts) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     parked = parked_probe_pids()
     for hosts in host_sets:
-        for name in hosts.names:
-            mine = []
-            for pid in hosts.pids(name):
-                if pid in parked:
-                    continue
-                with contextlib.suppress(psutil.Error):
-                    cmdline = " ".join(psutil.Process(pid).cmdline()) or f"[pid {pid}]"
-                    if not cmdline.startswith("sshd"):
-                        mine.append(cmdline)
+        for name, cmdlines in hosts.leftover_processes(ignore_pids=parked).items():
+            mine = [c for c in cmdlines if not c.startswith("sshd")]
             if mine:
                 found[name] = mine
     return found

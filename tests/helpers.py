@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from dask_lazycluster.testing import TestHosts
 
@@ -32,9 +32,9 @@ c.sendall(b"ping"); print(c.recv(1024).decode()); c.close()
 
 
 @contextmanager
-def echo_server_in_host(hosts: TestHosts, name: str, port: int) -> Iterator[None]:
-    """Run an echo server on ``127.0.0.1:port`` inside a test host."""
-    proc = hosts.popen(name, [sys.executable, "-c", ECHO_SERVER, str(port)],
+def server_in_host(hosts: TestHosts, name: str, script: str, port: int) -> Iterator[None]:
+    """Run a python server ``script`` (prints ``ready`` once listening on port) in a test host."""
+    proc = hosts.popen(name, [sys.executable, "-c", script, str(port)],
                        stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -42,6 +42,11 @@ def echo_server_in_host(hosts: TestHosts, name: str, port: int) -> Iterator[None
     finally:
         proc.kill()
         proc.wait()
+
+
+def echo_server_in_host(hosts: TestHosts, name: str, port: int) -> AbstractContextManager[None]:
+    """Run an echo server on ``127.0.0.1:port`` inside a test host."""
+    return server_in_host(hosts, name, ECHO_SERVER, port)
 
 
 @contextmanager

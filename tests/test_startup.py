@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import subprocess
 import sys
 
 import dask
@@ -18,7 +17,7 @@ from dask_lazycluster._remote import BOOTSTRAP
 from dask_lazycluster.testing import TestHosts
 
 from .conftest import wait_no_leftovers
-from .helpers import free_port, wait_until
+from .helpers import free_port, server_in_host, wait_until
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
@@ -143,26 +142,22 @@ def test_unclaimed_probe_ends_by_itself(hosts: TestHosts,
 def test_bulk_data_through_a_forward_arrives_intact(netns: TestHosts) -> None:
     # SSH writes are batched per loop turn: order and content must survive, in volume.
     host, remote_port, local_port = netns.names[0], free_port(), free_port()
-    server = netns.popen(host, [sys.executable, "-c", DIGEST_SERVER, str(remote_port)],
-                         stdout=subprocess.PIPE, text=True)
-    runtime = Runtime(host)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        runtime.expose_port_from_runtime(remote_port, local_port)
-        payload = os.urandom(48 << 20)
-        with socket.create_connection(("127.0.0.1", local_port), 10) as conn:
-            view = memoryview(payload)
-            for offset in range(0, len(payload), 100_003):  # odd sizes: packets straddle writes
-                conn.sendall(view[offset:offset + 100_003])
-            conn.shutdown(socket.SHUT_WR)
-            reply = b""
-            while chunk := conn.recv(256):
-                reply += chunk
-        assert reply.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
-    finally:
-        runtime.cleanup()
-        server.kill()
-        server.wait()
+    with server_in_host(netns, host, DIGEST_SERVER, remote_port):
+        runtime = Runtime(host)
+        try:
+            runtime.expose_port_from_runtime(remote_port, local_port)
+            payload = os.urandom(48 << 20)
+            with socket.create_connection(("127.0.0.1", local_port), 10) as conn:
+                view = memoryview(payload)
+                for offset in range(0, len(payload), 100_003):  # odd sizes: packets straddle
+                    conn.sendall(view[offset:offset + 100_003])
+                conn.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := conn.recv(256):
+                    reply += chunk
+            assert reply.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+        finally:
+            runtime.cleanup()
 
 
 def test_host_to_host_relay_keeps_early_data_half_close_and_volume(
@@ -170,19 +165,15 @@ def test_host_to_host_relay_keeps_early_data_half_close_and_volume(
     # A group port of host 0 used from host 1 is relayed channel to channel in the manager.
     source, user = netns.names[0], netns.names[1]
     port = free_port()
-    server = netns.popen(source, [sys.executable, "-c", GREETING_SERVER, str(port)],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        assert group.expose_port_from_runtime_to_group(source, port) == port
-        for size in (0, 1, 20 << 20):
-            out = netns.run(user, [sys.executable, "-c", DIGEST_CLIENT, str(port), str(size)],
-                            timeout=60)
-            greeting, sent, digest, reply = out.stdout.split(" ", 3)
-            # The greeting came before the client sent anything (held until the relay was
-            # joined); the server saw all data and our EOF, and its answer came back.
-            assert greeting == "hi|" and reply.strip() == f"{sent} {digest}", out.stderr
-    finally:
-        group.close_port_forward(port)
-        server.kill()
-        server.wait()
+    with server_in_host(netns, source, GREETING_SERVER, port):
+        try:
+            assert group.expose_port_from_runtime_to_group(source, port) == port
+            for size in (0, 1, 20 << 20):
+                out = netns.run(user, [sys.executable, "-c", DIGEST_CLIENT, str(port),
+                                       str(size)], timeout=60)
+                greeting, sent, digest, reply = out.stdout.split(" ", 3)
+                # The greeting came before the client sent anything (held until the relay
+                # was joined); the server saw all data and our EOF, and its answer came back.
+                assert greeting == "hi|" and reply.strip() == f"{sent} {digest}", out.stderr
+        finally:
+            group.close_port_forward(port)

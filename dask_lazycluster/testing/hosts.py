@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -637,8 +637,11 @@ class TestHosts:
             pids = [int(p) for p in out.split()]
         return sorted(p for p in pids if p != listener)
 
-    def leftover_processes(self) -> dict[str, list[str]]:
+    def leftover_processes(self, ignore_pids: Collection[int] = ()) -> dict[str, list[str]]:
         """Command lines of every process in each host other than its sshd listener.
+
+        Args:
+            ignore_pids: Processes to leave out (e.g. ones known to end by themselves).
 
         Returns:
             Host name -> list of command lines (empty lists when clean).
@@ -647,6 +650,8 @@ class TestHosts:
         for name in self.names:
             out[name] = []
             for pid in self.pids(name):
+                if pid in ignore_pids:
+                    continue
                 with contextlib.suppress(psutil.Error):
                     out[name].append(" ".join(psutil.Process(pid).cmdline()) or f"[pid {pid}]")
         return out
