@@ -35,7 +35,7 @@ from distributed.utils import silence_logging_cmgr
 
 from dask_lazycluster._loop import run_sync
 from dask_lazycluster.cluster.dask_cluster import DaskCluster
-from dask_lazycluster.config import config_value
+from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import InvalidRuntimeError, LazyclusterError
 from dask_lazycluster.runtime_manager import (
     _WILDCARD,
@@ -196,12 +196,12 @@ def check(hosts: tuple[str, ...], python: str | None) -> None:
 
     Exits with status 1 if any host is unusable.
     """
-    options = dict(config_value("connect-options") or {})
+    options = dict(setting("connect-options"))
     options.setdefault("connect_timeout", 10)
-    scheduler_port = int(config_value("master-port") or 8786)
-    ports = [scheduler_port, int(dask.config.get("lazycluster.port-range")[0])]
+    scheduler_port = setting("master-port") or 8786
+    ports = [scheduler_port, setting("port-range")[0]]
     names = list(dict.fromkeys(hosts))
-    results = run_sync(_check_hosts(names, config_value("python", python), options, ports))
+    results = run_sync(_check_hosts(names, setting("python", python), options, ports))
     failed = 0
     for host, (lines, problem) in zip(names, results, strict=True):
         click.echo(f"{host}: {'ok' if problem is None else 'UNUSABLE'}")
@@ -301,7 +301,7 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
     # Dask's INFO lines stay quiet for the whole run, shutdown included: closing comms
     # report themselves with tracebacks after the cluster has restored the log level.
     with dask.config.set(overrides), stop.installed(), silence_logging_cmgr(logging.WARNING):
-        if not dask.config.get("lazycluster.hosts"):
+        if not setting("hosts"):
             _fail("no hosts given: pass --hosts or set lazycluster.hosts in the Dask config")
         cluster: DaskCluster | None = None
         ready = False
@@ -314,7 +314,7 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
             elif adapt is not None:
                 target = adapt[0]
             else:
-                configured = config_value("n-workers")
+                configured = setting("n-workers")
                 target = cluster.runtime_group.runtime_count if configured is None else configured
             _start_workers(cluster, target, sys.stdout.isatty())
             if adapt is not None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import dask.config
 import yaml
+from dask.utils import parse_timedelta
 
 _DEFAULTS_FILE = os.path.join(os.path.dirname(__file__), "lazycluster.yaml")
 
@@ -50,59 +52,91 @@ def config_source(key: str) -> str:
     return "dask.config (set in code or a config file)"
 
 
-def setting(
-    key: str,
-    value: Any,
-    types: type | tuple[type, ...],
-    check: Callable[[Any], bool] | None = None,
-    expected: str = "",
-    optional: bool = False,
-) -> Any:
+@dataclass(frozen=True)
+class _Rule:
+    """What a valid value of one key looks like."""
+
+    types: type | tuple[type, ...]
+    check: Callable[[Any], bool] | None = None
+    expected: str = ""
+    optional: bool = False  # whether None (the YAML null) is valid
+
+
+def _str_to_str(value: dict[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _is_timedelta(value: Any) -> bool:
+    try:
+        parse_timedelta(value)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _is_port_range(value: list[Any]) -> bool:
+    return (len(value) == 2 and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+            and 1 <= value[0] <= value[1] <= 65535)
+
+
+# One rule per key of lazycluster.yaml, used for arguments and config values alike.
+_RULES: dict[str, _Rule] = {
+    "hosts": _Rule(list, lambda v: all(isinstance(h, str) for h in v), "a list of host names"),
+    "n-workers": _Rule(int, lambda v: v >= 0, "an int >= 0", optional=True),
+    "master-port": _Rule(int, lambda v: 0 < v < 65536, "a port number", optional=True),
+    "port-range": _Rule(list, _is_port_range, "[first, last] with 1 <= first <= last <= 65535"),
+    "tunnel": _Rule((bool, str), lambda v: v in (True, False, "auto"), "True, False or 'auto'"),
+    "python": _Rule(str, bool, "a path", optional=True),
+    "working-dir": _Rule(str, bool, "a path", optional=True),
+    "env": _Rule(dict, _str_to_str, "a dict of str to str"),
+    "connect-options": _Rule(dict, expected="a dict of asyncssh.connect options"),
+    "worker-class": _Rule(str, bool, "an import path such as 'distributed.Nanny'"),
+    "worker-options": _Rule(dict),
+    "scheduler-options": _Rule(dict),
+    "prologue": _Rule(str, optional=True),
+    "death-timeout": _Rule((int, float, str), _is_timedelta, "seconds or a time like '30s'"),
+    "max-workers-per-host": _Rule(int, lambda v: v >= 1, "an int >= 1", optional=True),
+    "worker-start-method": _Rule(str, lambda v: v in ("fork", "spawn", "forkserver"),
+                                 "'fork', 'spawn' or 'forkserver'"),
+    "warm-spares": _Rule(int, lambda v: v >= 0, "an int >= 0"),
+    "worker-start-timeout": _Rule((int, float), lambda v: v > 0, "seconds > 0"),
+}
+
+
+def setting(key: str, value: Any = None) -> Any:
     """Resolve one option: the explicit ``value`` if not None, else ``lazycluster.<key>``.
 
+    Either way the value is checked against the key's rule, so a bad argument and a bad config
+    value fail alike, early, with a message naming the argument or the key and its source.
+
     Args:
-        key: Config key below ``lazycluster.`` (its argument name uses ``_`` for ``-``).
-        value: The explicitly passed argument, or None.
-        types: Accepted types (bool is never taken for int).
-        check: Extra validity test.
-        expected: Words for the error message, e.g. ``"an int >= 0"``.
-        optional: Whether None is a valid (config) value.
+        key: Config key below ``lazycluster.``, e.g. ``"n-workers"`` (the matching argument
+            name uses ``_`` for ``-``).
+        value: The explicitly passed argument, or None for the configured value.
 
     Returns:
-        The value to use.
+        The value to use (None only for keys where null is allowed, e.g. ``python``).
 
     Raises:
+        KeyError: If ``key`` is not a dask-lazycluster setting.
         TypeError: If the value has the wrong type (naming argument, or key and source).
-        ValueError: If ``check`` rejects it.
+        ValueError: If the value has the right type but is out of range.
     """
+    rule = _RULES.get(key)
+    if rule is None:
+        raise KeyError(f"lazycluster.{key} is not a dask-lazycluster setting; known: "
+                       f"{', '.join(sorted(_RULES))}")
     from_config = value is None
     if from_config:
         value = dask.config.get(f"lazycluster.{key}")
-        if value is None and optional:
-            return None
+    if value is None and rule.optional:
+        return None
     name = (f"config lazycluster.{key} (from {config_source(key)})" if from_config
             else key.replace("-", "_"))
-    wanted = expected or (types.__name__ if isinstance(types, type) else " or ".join(
-        t.__name__ for t in types))
-    is_bool = isinstance(value, bool)
-    bool_ok = bool in (types if isinstance(types, tuple) else (types,))
-    if not isinstance(value, types) or (is_bool and not bool_ok):
+    types = rule.types if isinstance(rule.types, tuple) else (rule.types,)
+    wanted = rule.expected or " or ".join(t.__name__ for t in types)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise TypeError(f"{name} must be {wanted}, got {value!r}")
-    if check is not None and not check(value):
+    if rule.check is not None and not rule.check(value):
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
     return value
-
-
-def config_value(key: str, value: Any = None) -> Any:
-    """Return ``value`` unless it is None, else the ``lazycluster.<key>`` config value.
-
-    Args:
-        key: Config key below ``lazycluster.``, e.g. ``"n-workers"``.
-        value: An explicitly passed argument.
-
-    Returns:
-        The argument or its configured default.
-    """
-    if value is not None:
-        return value
-    return dask.config.get(f"lazycluster.{key}")

@@ -21,7 +21,7 @@ import asyncssh
 from dask.utils import format_bytes, parse_bytes
 
 from dask_lazycluster._loop import on_loop, run_sync
-from dask_lazycluster.config import config_value
+from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import InvalidRuntimeError, NoRuntimesDetectedError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup, _connect_all
 from dask_lazycluster.runtimes import Runtime
@@ -211,6 +211,7 @@ class RuntimeManager:
         working_dir: Remote working directory (default: a private temp dir per host).
 
     Raises:
+        TypeError: If an argument or its config value has the wrong type.
         ValueError: If an explicitly given ``ssh_config`` does not exist.
         NoRuntimesDetectedError: If no host of the config is reachable (or there is none).
     """
@@ -222,16 +223,14 @@ class RuntimeManager:
         python: str | None = None,
         working_dir: str | None = None,
     ) -> None:
-        if connect_options is not None and not isinstance(connect_options, dict):
-            raise TypeError(f"connect_options must be a dict or None, got {connect_options!r}")
-        options = dict(config_value("connect-options", connect_options) or {})
+        options = dict(setting("connect-options", connect_options))
         options.setdefault("connect_timeout", DISCOVERY_CONNECT_TIMEOUT)
         if ssh_config is not None:
             options.setdefault("config", [os.path.expanduser(ssh_config)])
         self._ssh_config = ssh_config
         self._connect_options = options
-        self._python: str | None = config_value("python", python)
-        self._working_dir: str | None = config_value("working-dir", working_dir)
+        self._python: str | None = setting("python", python)
+        self._working_dir: str | None = setting("working-dir", working_dir)
         self._runtimes: dict[str, Runtime] = {}
         self._inactive: dict[str, str] = {}
         # Runtimes made for groups with their own working_dir; cleaned up with the rest.

@@ -20,6 +20,7 @@ from dask_lazycluster import (
     PortInUseError,
     Runtime,
     RuntimeGroup,
+    RuntimeManager,
 )
 from dask_lazycluster.testing import TestHosts
 
@@ -60,6 +61,10 @@ class Env:
             DaskCluster(group, n_workers=1)
         finally:
             group.cleanup()
+
+    def manager_config_wrong_type(self) -> None:
+        with dask.config.set({"lazycluster.python": 3}):
+            RuntimeManager(ssh_config=str(self.hosts.home / ".ssh" / "config"))
 
     def config_wrong_type(self) -> None:
         with dask.config.set({"lazycluster.n-workers": "three"}):
@@ -115,6 +120,11 @@ CASES: list[Case] = [
      LazyclusterError, "distributed is not installed"),
     ("config file with a wrong type", lambda e: e.config_wrong_type(), TypeError,
      "lazycluster.n-workers"),
+    ("RuntimeManager with a wrong config type", lambda e: e.manager_config_wrong_type(),
+     TypeError, "lazycluster.python"),
+    ("RuntimeManager connect_options a list",
+     lambda e: RuntimeManager(connect_options=[]),  # type: ignore[arg-type]
+     TypeError, "connect_options"),
     ("port out of range", lambda e: e.group.get_free_port(70000), ValueError, "ports"),
     ("start_workers negative", lambda e: DaskCluster.start_workers(_Stub(e.group), -1),
      ValueError, "count"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import pytest
 
 from dask_lazycluster.testing import TestHosts
@@ -103,3 +104,33 @@ def test_dask_lazycluster_up_from_config_only(hosts: TestHosts, home: Path) -> N
         code = proc.wait(60)
     assert code == 0
     assert wait_no_leftovers(hosts) == {}
+
+
+def test_every_default_key_has_a_rule_that_its_default_passes() -> None:
+    import yaml
+
+    from dask_lazycluster import config
+
+    with open(config._DEFAULTS_FILE) as f:
+        defaults = yaml.safe_load(f)["lazycluster"]
+    assert set(defaults) == set(config._RULES)
+    for key in defaults:
+        with dask.config.set({f"lazycluster.{key}": defaults[key]}):
+            assert config.setting(key) == defaults[key]
+    with pytest.raises(KeyError, match="lazycluster.no-such-key"):
+        config.setting("no-such-key")
+
+
+@pytest.mark.parametrize("key, bad, error", [
+    ("python", 3, TypeError), ("working-dir", "", ValueError), ("master-port", 0, ValueError),
+    ("port-range", [2, 1], ValueError), ("connect-options", [], TypeError),
+])
+def test_a_bad_value_fails_alike_as_argument_and_as_config(key: str, bad: object,
+                                                           error: type[Exception]) -> None:
+    from dask_lazycluster.config import setting
+
+    with pytest.raises(error, match=key.replace("-", "_")):
+        setting(key, bad)
+    with dask.config.set({f"lazycluster.{key}": bad}), pytest.raises(
+            error, match=f"config lazycluster.{key}"):
+        setting(key)

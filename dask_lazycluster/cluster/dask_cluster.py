@@ -40,9 +40,6 @@ from dask_lazycluster.utils import localhost_has_free_port, preload_dashboard
 
 logger = logging.getLogger(__name__)
 
-_TUNNEL_MODES = (True, False, "auto")
-
-
 class LocalMasterLauncher(MasterLauncher):
     """Runs the Dask scheduler on the manager (the machine running Python), in-process.
 
@@ -278,31 +275,21 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         asynchronous: bool = False,
         **kwargs: Any,
     ) -> None:
-        self._tunnel = setting("tunnel", tunnel, (bool, str), lambda v: v in _TUNNEL_MODES,
-                               "True, False or 'auto'")
-        n_workers = setting("n-workers", n_workers, int, lambda v: v >= 0, "an int >= 0",
-                            optional=True)
-        self._worker_class = setting("worker-class", worker_class, str, bool,
-                                     "an import path such as 'distributed.Nanny'")
-        self._worker_options = dict(setting("worker-options", worker_options, dict))
-        sched_options = dict(setting("scheduler-options", scheduler_options, dict))
-        self._env = dict(setting("env", env, dict, _str_to_str, "a dict of str to str"))
-        self._python = setting("python", python, str, bool, "a path", optional=True)
-        self._death_timeout = parse_timedelta(
-            setting("death-timeout", death_timeout, (int, float, str), _is_timedelta,
-                    "seconds or a time like '30s'"))
-        self._max_per_host = setting("max-workers-per-host", max_workers_per_host, int,
-                                     lambda v: v >= 1, "an int >= 1", optional=True)
-        self._start_timeout = float(setting("worker-start-timeout", None, (int, float),
-                                            lambda v: v > 0, "seconds > 0"))
-        self._warm_spares = setting("warm-spares", None, int, lambda v: v >= 0, "an int >= 0")
-        self._start_method = setting("worker-start-method", None, str,
-                                     lambda v: v in ("fork", "spawn", "forkserver"),
-                                     "'fork', 'spawn' or 'forkserver'")
+        self._tunnel = setting("tunnel", tunnel)
+        n_workers = setting("n-workers", n_workers)
+        self._worker_class = setting("worker-class", worker_class)
+        self._worker_options = dict(setting("worker-options", worker_options))
+        sched_options = dict(setting("scheduler-options", scheduler_options))
+        self._env = dict(setting("env", env))
+        self._python = setting("python", python)
+        self._death_timeout = parse_timedelta(setting("death-timeout", death_timeout))
+        self._max_per_host = setting("max-workers-per-host", max_workers_per_host)
+        self._start_timeout = float(setting("worker-start-timeout"))
+        self._warm_spares = setting("warm-spares")
+        self._start_method = setting("worker-start-method")
         # The nanny's setting travels as Dask config in the environment; the user's env wins.
         self._env = {_MP_METHOD_ENV: self._start_method, **self._env}
-        master_port = setting("master-port", master_port, int, lambda v: 0 < v < 65536,
-                              "a port number", optional=True)
+        master_port = setting("master-port", master_port)
         self._debug = debug
         # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
         self._silence_logs = kwargs.setdefault("silence_logs", logging.WARNING)
@@ -311,23 +298,21 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             preload_dashboard()
         self._owns_group = runtime_group is None
         if runtime_group is None:
-            hosts = setting("hosts", None, list, lambda v: all(isinstance(h, str) for h in v),
-                            "a list of host names")
+            hosts = setting("hosts")
             if not hosts:
                 raise ValueError(
                     "no runtime_group given and no hosts configured (lazycluster.hosts)"
                 )
             runtime_group = RuntimeGroup(
                 hosts=list(hosts),
-                working_dir=setting("working-dir", None, str, optional=True),
-                connect_options=setting("connect-options", None, dict) or None,
+                working_dir=setting("working-dir"),
+                connect_options=setting("connect-options") or None,
                 python=self._python,
             )
         elif not isinstance(runtime_group, RuntimeGroup):
             raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
         if ports is None:
-            first, last = setting("port-range", None, list, _is_port_range,
-                                  "[first, last] with 1 <= first <= last <= 65535")
+            first, last = setting("port-range")
             ports = list(range(first, last + 1))
         try:
             master_launcher = master_launcher or LocalMasterLauncher(runtime_group)
@@ -335,7 +320,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             MasterWorkerCluster.__init__(
                 self, runtime_group, ports, master_launcher, worker_launcher
             )
-            prologue = setting("prologue", prologue, str, optional=True)
+            prologue = setting("prologue", prologue)
             if self._python is None and not prologue:  # a prologue may install it
                 missing = [r.host for r in runtime_group.runtimes
                            if r.info.get("distributed_version") is None]
@@ -844,20 +829,3 @@ def _pem(value: str | None) -> str | None:
         return value
     with open(value) as f:
         return f.read()
-
-
-def _str_to_str(value: dict[Any, Any]) -> bool:
-    return all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-
-
-def _is_timedelta(value: Any) -> bool:
-    try:
-        parse_timedelta(value)
-    except (ValueError, KeyError, TypeError):
-        return False
-    return True
-
-
-def _is_port_range(value: list[Any]) -> bool:
-    return (len(value) == 2 and all(isinstance(p, int) and not isinstance(p, bool) for p in value)
-            and 1 <= value[0] <= value[1] <= 65535)
