@@ -146,9 +146,10 @@ _DISTRIBUTED_VERSION = "import distributed; print(distributed.__version__)"
 
 async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str], str | None]:
     """Report lines for one connected runtime, and why it is unusable (None: usable)."""
-    result = await runtime._connection.run(
-        shlex.join([runtime.python, "-c", _DISTRIBUTED_VERSION]), check=False, timeout=60
-    )
+    with runtime._session_limit("the distributed version check"):
+        result = await runtime._connection.run(
+            shlex.join([runtime.python, "-c", _DISTRIBUTED_VERSION]), check=False, timeout=60
+        )
     info = runtime.info
     lines = [f"python       {runtime.python} ({info.get('python_version')})"]
     problem = None

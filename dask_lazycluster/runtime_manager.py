@@ -22,7 +22,11 @@ from dask.utils import format_bytes, parse_bytes
 
 from dask_lazycluster._loop import on_loop, run_sync
 from dask_lazycluster.config import setting
-from dask_lazycluster.exceptions import InvalidRuntimeError, NoRuntimesDetectedError
+from dask_lazycluster.exceptions import (
+    InvalidRuntimeError,
+    LazyclusterError,
+    NoRuntimesDetectedError,
+)
 from dask_lazycluster.runtime_mgmt import RuntimeGroup, _connect_all
 from dask_lazycluster.runtimes import Runtime
 
@@ -141,9 +145,10 @@ async def _run_checked(
 
     The command runs behind a lifeline, so nothing of it survives a timeout.
     """
-    process = await runtime._connection.create_process(
-        f"sh -c {shlex.quote(_LIFELINE)} lazycluster-check {shlex.quote(command)}"
-    )
+    with runtime._session_limit("a requirement check"):
+        process = await runtime._connection.create_process(
+            f"sh -c {shlex.quote(_LIFELINE)} lazycluster-check {shlex.quote(command)}"
+        )
     try:
         result = await asyncio.wait_for(process.wait(), timeout)
     except (asyncio.TimeoutError, TimeoutError):
@@ -164,10 +169,15 @@ async def _requirement_failures(
         script = f'for e in {words}; do command -v "$e" >/dev/null 2>&1 || echo "missing:$e"; done'
         checks.append(_run_checked(runtime, script, timeout))
     checks.extend(_run_checked(runtime, c, timeout) for c in commands)
-    try:
-        results = await asyncio.gather(*checks)
-    except (OSError, asyncssh.Error) as exc:
-        return [f"checks failed: {exc}"]
+    # Every check ends before we answer, so none outlives a failed sibling.
+    outcomes = await asyncio.gather(*checks, return_exceptions=True)
+    results: list[tuple[int | None, str, str]] = []
+    for outcome in outcomes:
+        if isinstance(outcome, (OSError, asyncssh.Error, LazyclusterError)):
+            return [f"checks failed: {outcome}"]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
     if executables:
         status, out, err = results.pop(0)
         missing = [line[8:] for line in out.splitlines() if line.startswith("missing:")]

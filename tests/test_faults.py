@@ -16,7 +16,13 @@ import psutil
 import pytest
 from distributed import Client
 
-from dask_lazycluster import DaskCluster, LazyclusterError, RuntimeGroup
+from dask_lazycluster import (
+    DaskCluster,
+    LazyclusterError,
+    NoRuntimesDetectedError,
+    RuntimeGroup,
+    RuntimeManager,
+)
 from dask_lazycluster.testing import TestHosts
 from dask_lazycluster.testing.hosts import clear_stale
 
@@ -171,4 +177,12 @@ def test_session_limit_is_named(netns: TestHosts) -> None:
                 DaskCluster(group, n_workers=3, worker_class="distributed.Worker")
         finally:
             group.cleanup()
+        # Discovery's requirement checks open sessions too: the host is left out, and why.
+        manager = RuntimeManager(ssh_config=str(limited.home / ".ssh" / "config"))
+        try:
+            with pytest.raises(NoRuntimesDetectedError, match=rf"{name}: checks failed: host "
+                                                              rf"'{name}' refused.*MaxSessions"):
+                manager.create_group(include_hosts=name, filter_commands=["true"] * 3)
+        finally:
+            manager.cleanup()
         assert wait_no_leftovers(limited) == {}
