@@ -265,13 +265,13 @@ def _start_workers(cluster: DaskCluster, target: int, show_progress: bool) -> No
     waiter.start()
     shown = -1
     while waiter.is_alive():
-        ready = len(getattr(cluster.scheduler, "workers", {}))
+        ready = len(cluster.scheduler_info.get("workers", {}))
         if show_progress and ready != shown:
             click.echo(f"\rWorkers ready: {ready}/{target}", nl=False)
             shown = ready
         waiter.join(0.2)
     if show_progress:
-        click.echo(f"\rWorkers ready: {len(getattr(cluster.scheduler, 'workers', {}))}/{target}")
+        click.echo(f"\rWorkers ready: {len(cluster.scheduler_info.get('workers', {}))}/{target}")
     if errors:
         raise errors[0]
 

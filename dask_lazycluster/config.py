@@ -93,6 +93,7 @@ _RULES: dict[str, _Rule] = {
     "worker-class": _Rule(str, bool, "an import path such as 'distributed.Nanny'"),
     "worker-options": _Rule(dict),
     "scheduler-options": _Rule(dict),
+    "scheduler-process": _Rule(bool),
     "prologue": _Rule(str, optional=True),
     "death-timeout": _Rule((int, float, str), _is_timedelta, "seconds or a time like '30s'"),
     "max-workers-per-host": _Rule(int, lambda v: v >= 1, "an int >= 1", optional=True),

@@ -11,6 +11,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from distributed import Client
 
@@ -240,22 +241,29 @@ def test_max_workers_per_host(netns: TestHosts, group: RuntimeGroup) -> None:
             cluster.scale(4)
 
 
-def test_manager_killed_leaves_nothing_running(hosts: TestHosts) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "scheduler-process"])
+def test_manager_killed_leaves_nothing_running(hosts: TestHosts, own_process: bool) -> None:
     script = (
+        "import os, dask\n"
         "from dask_lazycluster import DaskCluster, RuntimeGroup\n"
+        f"dask.config.set({{'lazycluster.scheduler-process': {own_process}}})\n"
         f"cluster = DaskCluster(RuntimeGroup(hosts={hosts.names!r}), tunnel=False)\n"
-        "print('ready', flush=True)\n"
+        "print('ready', getattr(cluster.scheduler, 'pid', os.getpid()), flush=True)\n"
         "import time; time.sleep(600)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             env={**os.environ})
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert proc.stdout is not None
+        word, pid = proc.stdout.readline().split()
+        assert word == "ready" and (int(pid) != proc.pid) == own_process
         assert ours_left(hosts), "the workers should be running now"
     finally:
         proc.kill()
         proc.wait()
     started = time.monotonic()
+    assert wait_until(lambda: not psutil.pid_exists(int(pid)) or
+                      psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE, 15)
     assert wait_no_leftovers(hosts, timeout=30) == {}
     assert time.monotonic() - started < 30
 

@@ -12,9 +12,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import dask
 import psutil
 import pytest
 from distributed import Client
+from distributed.core import Status
 
 from dask_lazycluster import (
     DaskCluster,
@@ -23,6 +25,7 @@ from dask_lazycluster import (
     RuntimeGroup,
     RuntimeManager,
 )
+from dask_lazycluster.cluster.scheduler_process import SchedulerProcess
 from dask_lazycluster.testing import TestHosts
 from dask_lazycluster.testing.hosts import clear_stale
 
@@ -124,14 +127,22 @@ def test_ctrl_c_during_start_up_stops_everything(fault_hosts: TestHosts) -> None
     assert wait_no_leftovers(fault_hosts, timeout=30) == {}
 
 
+@pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "scheduler-process"])
 def test_scheduler_death_gives_a_clear_error_and_cleanup_still_works(
-        fault_hosts: TestHosts) -> None:
+        fault_hosts: TestHosts, own_process: bool) -> None:
     group = RuntimeGroup(hosts=fault_hosts.names)
     try:
-        cluster = DaskCluster(group, worker_class="distributed.Worker")
-        assert cluster.scheduler is not None
-        cluster.sync(cluster.scheduler.close)
-        with pytest.raises(LazyclusterError, match="scheduler"):
+        with dask.config.set({"lazycluster.scheduler-process": own_process}):
+            cluster = DaskCluster(group, worker_class="distributed.Worker")
+        scheduler = cluster.scheduler
+        if isinstance(scheduler, SchedulerProcess):
+            assert scheduler.pid is not None
+            os.kill(scheduler.pid, signal.SIGKILL)  # the process dies, not just the server
+            assert wait_until(lambda: scheduler.status == Status.failed, 10)
+        else:
+            assert scheduler is not None
+            cluster.sync(scheduler.close)
+        with pytest.raises(LazyclusterError, match=r"scheduler is not running \((failed|closed)"):
             cluster.scale(5)
         cluster.close()
     finally:

@@ -1,6 +1,7 @@
 """Dask on a runtime group: :class:`DaskCluster`, a real ``SpecCluster`` (lazycluster's API).
 
-The scheduler runs in-process on the manager; each worker is a :class:`RemoteWorker` process
+The scheduler runs on the manager (in-process, or in a child process with
+``lazycluster.scheduler-process``); each worker is a :class:`RemoteWorker` process
 interface that starts a Dask server on its runtime over that runtime's one SSH connection.
 Placement is a :class:`RoundRobinLauncher` strategy, so ``scale``/``adapt`` put workers the
 lazycluster way; in tunnel mode every port is reachable as ``localhost:<port>`` everywhere.
@@ -20,6 +21,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
+from distributed.protocol.pickle import dumps
 from distributed.security import Security
 from distributed.utils import NoOpAwaitable, silence_logging_cmgr
 
@@ -32,6 +34,7 @@ from dask_lazycluster.cluster.runtime_cluster import (
     MasterWorkerCluster,
     WorkerLauncher,
 )
+from dask_lazycluster.cluster.scheduler_process import SchedulerProcess
 from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
@@ -41,7 +44,10 @@ from dask_lazycluster.utils import localhost_has_free_port, preload_dashboard
 logger = logging.getLogger(__name__)
 
 class LocalMasterLauncher(MasterLauncher):
-    """Runs the Dask scheduler on the manager (the machine running Python), in-process.
+    """Runs the Dask scheduler on the manager (the machine running Python).
+
+    In the client's process by default; in a child process with
+    ``lazycluster.scheduler-process: true`` (see :class:`SchedulerProcess`).
 
     :meth:`start` chooses the scheduler port by the group's port rules; the cluster then
     starts the scheduler on it and, in tunnel mode, exposes it to every runtime.
@@ -55,8 +61,12 @@ class LocalMasterLauncher(MasterLauncher):
         self._cluster: weakref.ref[DaskCluster] | None = None
 
     @property
-    def process(self) -> Scheduler | None:
-        """The in-process ``distributed.Scheduler``; None until the cluster started it."""
+    def process(self) -> Scheduler | SchedulerProcess | None:
+        """The scheduler: a ``distributed.Scheduler``, or its :class:`SchedulerProcess`.
+
+        The process interface runs it with ``lazycluster.scheduler-process: true``; None
+        until the cluster started it.
+        """
         cluster = self._cluster() if self._cluster else None
         return cluster.scheduler if cluster is not None else None
 
@@ -92,7 +102,8 @@ class LocalMasterLauncher(MasterLauncher):
             options: Extra ``distributed.Scheduler`` keyword arguments (they win).
 
         Returns:
-            ``{"cls": Scheduler, "options": {...}}``.
+            ``{"cls": Scheduler, "options": {...}}``, or :class:`SchedulerProcess` as the class
+            with ``lazycluster.scheduler-process: true``.
 
         Raises:
             MasterStartError: If :meth:`start` did not choose a port yet.
@@ -102,6 +113,11 @@ class LocalMasterLauncher(MasterLauncher):
         dashboard = "127.0.0.1:8787" if listen_host == "127.0.0.1" else ":8787"
         base = {"host": listen_host, "port": self._port, "dashboard_address": dashboard,
                 "protocol": "tcp"}
+        cluster = self._cluster() if self._cluster else None
+        if cluster is not None and cluster._scheduler_process:
+            child = {"log_level": cluster._silence_logs or logging.INFO,
+                     "start_timeout": cluster._start_timeout}
+            return {"cls": SchedulerProcess, "options": {**base, **options, **child}}
         return {"cls": Scheduler, "options": {**base, **options}}
 
     def cleanup(self) -> None:
@@ -203,6 +219,11 @@ class RoundRobinLauncher(WorkerLauncher):
             cluster.sync(cluster._correct_state)
 
 
+async def _remove_worker(address: str, stimulus_id: str, dask_scheduler: Scheduler) -> None:
+    """Run on the scheduler (in-process or not): forget a worker whose host is lost."""
+    await dask_scheduler.remove_worker(address, stimulus_id=stimulus_id, close=False)
+
+
 async def _gather(*coros: Any) -> list[Any]:
     return list(await asyncio.gather(*coros))
 
@@ -287,6 +308,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._start_timeout = float(setting("worker-start-timeout"))
         self._warm_spares = setting("warm-spares")
         self._start_method = setting("worker-start-method")
+        self._scheduler_process = setting("scheduler-process")
         # The nanny's setting travels as Dask config in the environment; the user's env wins.
         self._env = {_MP_METHOD_ENV: self._start_method, **self._env}
         master_port = setting("master-port", master_port)
@@ -428,10 +450,12 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             await SpecCluster._start(self)
         except Exception as exc:
             root: BaseException = exc
-            while root.__cause__ is not None:  # Dask wraps the real reason twice
+            # Dask wraps the real reason twice; ours already says what failed.
+            while root.__cause__ is not None and not isinstance(root, MasterStartError):
                 root = root.__cause__
-            raise MasterStartError("localhost", self.master_port,
-                                   f"{type(root).__name__}: {root}") from exc
+            cause = root.cause if isinstance(root, MasterStartError) else (
+                f"{type(root).__name__}: {root}")
+            raise MasterStartError("localhost", self.master_port, cause) from exc
         if self._tunnel is not False:
             port = self.master_port
             assert port is not None
@@ -686,11 +710,13 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         by_name = {w["name"]: a for a, w in self.scheduler_info.get("workers", {}).items()}
         for name in lost:
             address = by_name.get(name)
-            if address is not None and self.scheduler is not None:
+            if address is not None and self.scheduler_comm is not None:
                 # Without this the scheduler waits for TCP timeouts before rescheduling.
                 with suppress(Exception):
-                    await self.scheduler.remove_worker(
-                        address, stimulus_id=f"lazycluster-host-lost-{host}", close=False
+                    await self.scheduler_comm.run_function(
+                        function=dumps(_remove_worker),
+                        args=dumps((address, f"lazycluster-host-lost-{host}")),
+                        kwargs=dumps({}),
                     )
             del self.worker_spec[name]
         try:
