@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-KINDS = ("local", "sshcluster", "dask-tunnel", "dask-direct")
+KINDS = ("local", "sshcluster", "dask-tunnel", "dask-direct", "dask-tunnel-sp")
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -109,13 +109,15 @@ def cmd_cluster(args: argparse.Namespace) -> None:
             worker_options={"interface": "eth0"},
         )
     else:
+        import dask
         from distributed import Client
 
         from dask_lazycluster import DaskCluster, RuntimeGroup
 
         t_import = time.time()
         group = RuntimeGroup(hosts=hosts, connect_options=connect_options)
-        cluster = DaskCluster(group, tunnel=args.kind == "dask-tunnel", n_workers=args.n)
+        with dask.config.set({"lazycluster.scheduler-process": args.kind == "dask-tunnel-sp"}):
+            cluster = DaskCluster(group, tunnel=args.kind != "dask-direct", n_workers=args.n)
     t_ctor = time.time()
     client = Client(cluster)
     wait_until(lambda: client.run_on_scheduler(running_workers) >= args.n, args.timeout,
@@ -134,6 +136,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     result["rss"] = psutil.Process().memory_info().rss
     if args.kind == "sshcluster":
         result["scheduler_rss"] = sshcluster_scheduler_rss(t0)
+    elif args.kind == "dask-tunnel-sp":
+        result["scheduler_rss"] = psutil.Process(cluster.scheduler.pid).memory_info().rss
     result["ssh_conns"] = ssh_connections(addresses)
 
     if "tasks" in figures:
