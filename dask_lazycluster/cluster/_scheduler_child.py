@@ -50,8 +50,10 @@ def main() -> None:
     """Read the options, run the scheduler until stdin ends or it is closed, then exit."""
     # Ctrl-C reaches the whole terminal process group: the manager decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    size = int(sys.stdin.buffer.readline())
-    payload = pickle.loads(sys.stdin.buffer.read(size))
+    header = sys.stdin.buffer.readline()
+    if not header.strip():  # the manager went away before sending the options
+        os._exit(0)
+    payload = pickle.loads(sys.stdin.buffer.read(int(header)))
     status = 0
     try:
         asyncio.run(_serve(payload["options"], payload["log_level"]))
