@@ -146,10 +146,11 @@ def _constants(module: ModuleType) -> dict[str, tuple[str, str]]:
     found: dict[str, tuple[str, str]] = {}
     for node in ast.parse(source).body:
         targets: list[ast.expr] = []
+        value_node: ast.expr | None = None
         if isinstance(node, ast.Assign):
-            targets = list(node.targets)
+            targets, value_node = list(node.targets), node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            targets = [node.target]
+            targets, value_node = [node.target], node.value
         for target in targets:
             if not isinstance(target, ast.Name):
                 continue
@@ -158,7 +159,7 @@ def _constants(module: ModuleType) -> dict[str, tuple[str, str]]:
                 continue
             if isinstance(getattr(module, name, None), TypeVar):
                 continue
-            value = ast.get_source_segment(source, node.value) if node.value else ""
+            value = ast.get_source_segment(source, value_node) if value_node else ""
             comment: list[str] = []
             index = node.lineno - 2
             while index >= 0 and lines[index].lstrip().startswith("#"):
@@ -670,7 +671,7 @@ def render_class(entry: Entry, linker: Linker, here: str) -> str:
     if external:
         out += ["*Also has the public API of " + ", ".join(_external(b) for b in external[:1])
                 + " (not repeated here).*", ""]
-    attributes = []
+    attributes: list[tuple[str, str, type]] = []
     for klass in cls.__mro__:
         if not klass.__module__.startswith(PACKAGE):
             continue

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from dask_lazycluster.testing import TestHosts
 
@@ -99,7 +100,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float = 30, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
     """Poll ``predicate`` until true or ``timeout``; return its last value."""
     deadline = time.monotonic() + timeout
     while True:

@@ -96,13 +96,16 @@ CASES: list[Case] = [
     ("duplicate hosts", lambda e: RuntimeGroup(hosts=[e.h, e.h]), ValueError, "more than once"),
     ("one unknown host in a group", lambda e: RuntimeGroup(hosts=[e.h, "nope.invalid"]),
      InvalidRuntimeError, "nope.invalid"),
-    ("runtime_group not a group", lambda e: DaskCluster("h"), TypeError, "runtime_group"),
+    ("runtime_group not a group", lambda e: DaskCluster("h"),  # type: ignore[arg-type]
+     TypeError, "runtime_group"),
     ("tunnel value", lambda e: DaskCluster(e.group, tunnel="maybe"), ValueError, "tunnel"),
     ("n_workers negative", lambda e: DaskCluster(e.group, n_workers=-1), ValueError, "n_workers"),
-    ("n_workers a str", lambda e: DaskCluster(e.group, n_workers="3"), TypeError, "n_workers"),
-    ("worker_options a list", lambda e: DaskCluster(e.group, worker_options=[]), TypeError,
-     "worker_options"),
-    ("env not str values", lambda e: DaskCluster(e.group, env={"A": 1}), ValueError, "env"),
+    ("n_workers a str", lambda e: DaskCluster(e.group, n_workers="3"),  # type: ignore[arg-type]
+     TypeError, "n_workers"),
+    ("worker_options a list", lambda e: DaskCluster(e.group, worker_options=[]),  # type: ignore[arg-type]
+     TypeError, "worker_options"),
+    ("env not str values", lambda e: DaskCluster(e.group, env={"A": 1}),  # type: ignore[dict-item]
+     ValueError, "env"),
     ("death_timeout unparsable", lambda e: DaskCluster(e.group, death_timeout="soon"),
      ValueError, "death_timeout"),
     ("max_workers_per_host zero", lambda e: DaskCluster(e.group, max_workers_per_host=0),
@@ -126,7 +129,8 @@ CASES: list[Case] = [
      lambda e: RuntimeManager(connect_options=[]),  # type: ignore[arg-type]
      TypeError, "connect_options"),
     ("port out of range", lambda e: e.group.get_free_port(70000), ValueError, "ports"),
-    ("start_workers negative", lambda e: DaskCluster.start_workers(_Stub(e.group), -1),
+    ("start_workers negative", lambda e: DaskCluster.start_workers(
+        _Stub(e.group), -1),  # type: ignore[arg-type]
      ValueError, "count"),
 ]
 

@@ -182,7 +182,7 @@ def working_dirs(hosts: TestHosts) -> set[str]:
 
 def start_up(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     """Run ``up`` with faulthandler on, so a hang can be diagnosed."""
-    return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+    return subprocess.Popen(  # type: ignore[call-overload]
         [sys.executable, "-X", "faulthandler", "-m", "dask_lazycluster.cli", "up", *args],
         env=cli_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs,
     )

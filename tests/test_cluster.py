@@ -222,14 +222,16 @@ def test_custom_launchers_are_honoured(netns: TestHosts, group: RuntimeGroup) ->
             return self.runtime_group.hosts[0]
 
     class FixedPort(LocalMasterLauncher):
+        chosen = 0
+
         def start(self, ports: list[int] | int, timeout: int = 3, debug: bool = False) -> list[int]:
             return super().start(self.chosen, timeout, debug)
 
     master = FixedPort(group)
-    master.chosen = free_port()  # type: ignore[attr-defined]
+    master.chosen = free_port()
     with DaskCluster(group, master_launcher=master, worker_launcher=FirstHostOnly(group),
                      n_workers=3) as cluster, Client(cluster) as client:
-        assert cluster.master_port == master.chosen  # type: ignore[attr-defined]
+        assert cluster.master_port == master.chosen
         assert master.process is cluster.scheduler
         assert hostnames(client) == Counter({netns.names[0]: 3})
 

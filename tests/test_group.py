@@ -155,6 +155,7 @@ def test_tasks_broadcast_join_and_returns(hosts: TestHosts, group: RuntimeGroup,
     assert list(single.function_returns) == [5]
     never = group.execute_task(RuntimeTask("bad").run_command("exit 1"), omit_on_join=True)
     group.join()  # the failing task is omitted, so join succeeds
+    assert isinstance(never, RuntimeTask)
     with pytest.raises(TaskExecutionError):
         never.join()
     group.print_log()

@@ -54,6 +54,7 @@ def test_secrets_stay_off_command_lines_reprs_and_logs(hosts: TestHosts, group: 
     group.add_env_variables({"API_TOKEN": SECRET})
     task = group.execute_task(RuntimeTask("sleeper").run_command("sleep 5"),
                               host=hosts.names[0])
+    assert isinstance(task, RuntimeTask)
     with caplog.at_level(logging.DEBUG), DaskCluster(group, n_workers=3,
                                                      env={"WORKER_TOKEN": SECRET},
                                                      security=True) as cluster:
