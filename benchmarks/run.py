@@ -749,14 +749,17 @@ class Report:
                   "dask-direct": "#63a6e0", "dask-tunnel-sp": "#7e57c2"}
         width = 0.8 / len(KINDS)
         for i, kind in enumerate(KINDS):
-            vals = [self.med(kind, "start_s", n) or 0 for n in (3, 12)]
-            xs = [x + (i - (len(KINDS) - 1) / 2) * width for x in range(2)]
-            bars = ax1.bar(xs, vals, width, label=LABELS[kind], color=colors[kind])
+            # A contestant not measured at some size gets no bar there (not a bar of 0).
+            points = [(x + (i - (len(KINDS) - 1) / 2) * width, v) for x, n in enumerate((3, 12))
+                      if (v := self.med(kind, "start_s", n)) is not None]
+            bars = ax1.bar([p[0] for p in points], [p[1] for p in points], width,
+                           label=LABELS[kind], color=colors[kind])
             ax1.bar_label(bars, fmt="%.1f", fontsize=7)
         ax1.set_xticks(range(2), ["3 workers (3 hosts)", "12 workers (12 hosts)"])
         ax1.set_ylabel("seconds (median)")
         ax1.set_title("Cold start to all workers ready")
-        ax1.legend(fontsize=8)
+        ax1.set_ylim(0, ax1.get_ylim()[1] * 1.4)  # headroom: the legend sits above the bars
+        ax1.legend(fontsize=7, loc="upper left")
         ratios = [r for r in self.ratios() if r["value"] is not None and not r["note"]
                   and r["unit"] == "x"]
         names = [textwrap.fill(r["name"].replace("DaskCluster", "DC").replace("(tunnel=True)", "(tunnel)")
