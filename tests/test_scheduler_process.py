@@ -81,3 +81,14 @@ def test_bad_scheduler_options_are_named_and_leave_nothing(
     assert time.monotonic() - started < 30
     assert wait_until(lambda: scheduler_children() == [], 10)
     assert wait_no_leftovers(hosts) == {}
+
+
+def test_tls_and_logs_reach_the_scheduler_process(hosts: TestHosts, group: RuntimeGroup) -> None:
+    # The temporary certificates travel to the child with the options.
+    with DaskCluster(group, n_workers=1, security=True,
+                     worker_class="distributed.Worker") as cluster, Client(cluster) as client:
+        assert isinstance(cluster.scheduler, SchedulerProcess)
+        assert cluster.scheduler_address.startswith("tls://")
+        assert client.submit(lambda: 41 + 1).result(timeout=60) == 42
+        assert "Scheduler" in cluster.get_logs()
+    assert wait_no_leftovers(hosts) == {}
