@@ -180,16 +180,20 @@ def working_dirs(hosts: TestHosts) -> set[str]:
     return found
 
 
-def start_up(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+def start_up(*args: str, env: dict[str, str] | None = None,
+             **kwargs: object) -> subprocess.Popen[str]:
     """Run ``up`` with faulthandler on, so a hang can be diagnosed."""
     return subprocess.Popen(  # type: ignore[call-overload]
         [sys.executable, "-X", "faulthandler", "-m", "dask_lazycluster.cli", "up", *args],
-        env=cli_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs,
+        env={**cli_env(), **(env or {})}, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, **kwargs,
     )
 
 
-def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts) -> None:
-    proc = start_up("--hosts", hosts.names[0], "--n-workers", "2", stdout=subprocess.PIPE)
+@pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "scheduler-process"])
+def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts, own_process: bool) -> None:
+    proc = start_up("--hosts", hosts.names[0], "--n-workers", "2", stdout=subprocess.PIPE,
+                    env={"DASK_LAZYCLUSTER__SCHEDULER_PROCESS": str(own_process).lower()})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     seen: list[str] = []
@@ -200,6 +204,10 @@ def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts) -> None:
         with Client(address, timeout=30) as client:
             assert client.submit(lambda x: x + 1, 41).result(timeout=60) == 42
             assert len(client.scheduler_info()["workers"]) == 2
+            scheduler_pid = client.run_on_scheduler(os.getpid)
+        # SIGINT goes to `up` alone here (a terminal's Ctrl-C reaches the child too, which
+        # ignores it): `up` must close its scheduler process itself.
+        assert (scheduler_pid != proc.pid) == own_process
         ours = working_dirs(hosts)
         assert ours, "the workers should run in a temp working dir"
         proc.send_signal(signal.SIGINT)
@@ -208,6 +216,8 @@ def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts) -> None:
     assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
     assert not wait_no_leftovers(hosts)
     assert not [d for d in ours if os.path.exists(d)]
+    assert not psutil.pid_exists(scheduler_pid) or (
+        psutil.Process(scheduler_pid).status() == psutil.STATUS_ZOMBIE)
 
 
 def test_up_on_a_terminal_shows_progress_and_stops_on_sigterm(hosts: TestHosts) -> None:
