@@ -297,29 +297,58 @@ def warm(request: dict[str, Any]) -> None:
     serve({**request, **serve_request})
 
 
-def reachability(request: dict[str, Any]) -> None:
-    """Report whether this host reaches the manager directly, and accept one probe back.
+def _dial(address: str, port: int, timeout: float) -> bool:
+    import socket
 
-    Prints ``{"out": bool, "port": int}``, then waits briefly for the manager to connect to
-    ``port`` on ``bind`` (the inbound test is judged by the manager).
+    try:
+        socket.create_connection((address, port), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def reachability(request: dict[str, Any]) -> None:
+    """Test plain TCP between this host, the manager and the other hosts of the group.
+
+    Prints ``{"out": bool, "port": int}``: whether the manager's listener was reachable, and
+    the port of a listener on ``bind`` that the manager (inbound test) and the other hosts
+    dial. Then, for each line ``{"dial": [[address, port], ...]}`` on stdin, dials those in
+    parallel and prints ``{"dialed": [bool, ...]}``. Stdin's end (or ``wait`` seconds) ends it.
     """
     import socket
 
-    outbound = False
-    try:
-        socket.create_connection((request["manager"], request["manager_port"]), 2).close()
-        outbound = True
-    except OSError:
-        pass
+    timeout = float(request.get("timeout", 2))
+    outbound = _dial(request["manager"], request["manager_port"], timeout)
     server = socket.socket()
     server.bind((request["bind"], 0))
-    server.listen(1)
+    server.listen(64)
+
+    def accept_all() -> None:
+        while True:
+            try:
+                server.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=accept_all, daemon=True).start()
     print(json.dumps({"out": outbound, "port": server.getsockname()[1]}), flush=True)
-    server.settimeout(float(request.get("wait", 3)))
-    try:
-        server.accept()[0].close()
-    except OSError:
-        pass
+    # The manager ends the test by closing stdin; a timer bounds it if it never does.
+    threading.Timer(float(request.get("wait", 30)), os._exit, (0,)).start()
+    for line in sys.stdin.buffer:
+        targets = json.loads(line)["dial"]
+        results = [False] * len(targets)
+
+        def dial(i: int, address: str, port: int, into: list[bool] = results) -> None:
+            into[i] = _dial(address, port, timeout)
+
+        threads = [threading.Thread(target=dial, args=(i, a, p), daemon=True)
+                   for i, (a, p) in enumerate(targets)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"dialed": results}), flush=True)
+    os._exit(0)  # the timer thread must not keep the process alive
 
 
 def dispatch(request: dict[str, Any]) -> None:

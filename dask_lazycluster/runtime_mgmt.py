@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from dask_lazycluster.utils import (
     validate_port,
     validate_ports,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _host_list(hosts: Iterable[str] | None, argument: str) -> list[str]:
@@ -201,6 +204,41 @@ class RuntimeGroup:
             for host, runtime in self._runtimes.items()
             if (not include or host in include) and host not in exclude
         }
+
+    # -- reachability -------------------------------------------------------------------------
+
+    async def _direct_hosts(self, timeout: float = 2.0) -> set[str]:
+        """Hosts whose workers can talk plain TCP: what ``tunnel="auto"`` makes direct.
+
+        A host qualifies when it and the manager reach each other, and every other host of
+        the group reaches it too: the others (tunneled ones included) fetch data from its
+        workers at its real address. Hosts are tested in parallel, each dialing all
+        candidates at once; a host that cannot be tested counts as unreachable (a tunnel is
+        always safe).
+        """
+        reaches = await asyncio.gather(*(r._reach_start(timeout) for r in self.runtimes))
+        try:
+            candidates = [x for x in reaches if x.both_ways]
+            blocked: dict[str, list[str]] = {x.runtime.host: [] for x in candidates}
+            if len(reaches) > 1 and candidates:
+
+                async def dial_from(x: Any) -> None:
+                    others = [c for c in candidates if c is not x]
+                    targets = [(c.runtime.remote_address, c.port) for c in others]
+                    answers = await x.dial(targets, timeout) if others else []
+                    for c, ok in zip(others, answers or [False] * len(others), strict=True):
+                        if not ok:
+                            blocked[c.runtime.host].append(x.runtime.host)
+
+                await asyncio.gather(*(dial_from(x) for x in reaches))
+            for host, dialers in blocked.items():
+                if dialers:
+                    logger.info("tunnel='auto': %s is tunneled: %s cannot reach it directly",
+                                host, ", ".join(dialers))
+            return {host for host, dialers in blocked.items() if not dialers}
+        finally:
+            for x in reaches:
+                x.close()
 
     # -- ports ----------------------------------------------------------------------------------
 

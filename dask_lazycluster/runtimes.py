@@ -100,6 +100,42 @@ class _LifelineClient(asyncssh.SSHClient):
             runtime._connection_lost(exc)
 
 
+#: Seconds a reachability test may keep its remote listener open at most.
+REACH_WAIT = 30
+
+
+class _Reach:
+    """One host's part of the plain-TCP test (``tunnel="auto"``); see Runtime._reach_start."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.process: asyncssh.SSHClientProcess[bytes] | None = None
+        self.port: int | None = None
+        self.outbound = False
+        self.inbound = False
+
+    @property
+    def both_ways(self) -> bool:
+        """Whether the host and the manager reached each other."""
+        return self.outbound and self.inbound
+
+    async def dial(self, targets: list[tuple[str, int]], timeout: float) -> list[bool] | None:
+        """Have the host dial ``(address, port)`` targets; None if it could not answer."""
+        if self.process is None or self.port is None:
+            return None
+        try:
+            self.process.stdin.write(json.dumps({"dial": targets}).encode() + b"\n")
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout + 5)
+            return [bool(ok) for ok in json.loads(line)["dialed"]]
+        except (asyncio.TimeoutError, ValueError, KeyError, OSError, asyncssh.Error):
+            return None
+
+    def close(self) -> None:
+        """End the remote test process (its listener goes with it)."""
+        if self.process is not None:
+            self.process.close()
+
+
 class Runtime:
     """A host reachable by SSH, used to run tasks, Dask processes and port forwards.
 
@@ -480,42 +516,43 @@ class Runtime:
         """The host's address as the manager reaches it."""
         return str(self._connection.get_extra_info("peername")[0])
 
-    async def _reaches_directly(self, timeout: float = 2.0) -> bool:
-        """Whether plain TCP works both ways between the manager and this host.
+    async def _reach_start(self, timeout: float = 2.0) -> _Reach:
+        """Start the plain-TCP test of this host: to the manager, and from it.
 
         The host connects to a temporary listener on the manager's address of this SSH
         connection, and the manager connects to a temporary listener on the host's address.
+        That listener stays open for the other hosts (:meth:`_Reach.dial`) until the returned
+        handle is closed.
         """
+        reach = _Reach(self)
         server = await asyncio.start_server(lambda r, w: w.close(), self.local_address, 0)
         manager_port = server.sockets[0].getsockname()[1]
         try:
             with self._session_limit("the reachability probe"):
-                process = await self._connection.create_process(self._python_command(),
-                                                                encoding=None)
-            process.stdin.write(self._request(
+                reach.process = await self._connection.create_process(self._python_command(),
+                                                                      encoding=None)
+            reach.process.stdin.write(self._request(
                 "reach", manager=self.local_address, manager_port=manager_port,
-                bind=self.remote_address, wait=timeout + 1,
+                bind=self.remote_address, timeout=timeout, wait=REACH_WAIT,
             ))
-            process.stdin.write_eof()
             try:
-                line = await asyncio.wait_for(process.stdout.readline(), timeout + 5)
+                line = await asyncio.wait_for(reach.process.stdout.readline(), timeout + 5)
                 report = json.loads(line)
             except (asyncio.TimeoutError, ValueError):
-                process.close()
-                return False
-            inbound = False
+                return reach
+            reach.port = int(report["port"])
+            reach.outbound = bool(report["out"])
             try:
                 _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.remote_address, report["port"]), timeout
+                    asyncio.open_connection(self.remote_address, reach.port), timeout
                 )
                 writer.close()
-                inbound = True
+                reach.inbound = True
             except (OSError, asyncio.TimeoutError):
                 pass
-            process.close()
-            return bool(report["out"]) and inbound
         finally:
             server.close()
+        return reach
 
     # -- ports ----------------------------------------------------------------------------------
 

@@ -161,6 +161,42 @@ def test_auto_mode_picks_direct_or_tunnel_per_host(netns: TestHosts, fw_hosts: T
         mixed.cleanup()
 
 
+@pytest.fixture
+def host0_cannot_dial_host1(netns: TestHosts) -> Iterator[None]:
+    """Host 0 may not open TCP connections to host 1 (SSH excepted); replies still pass."""
+    nft = ["ip", "netns", "exec", str(netns.hosts[0].netns), "nft"]
+    subprocess.run([*nft, "add", "table", "inet", "lztest"], check=True)
+    try:
+        subprocess.run([*nft, "add", "chain", "inet", "lztest", "out",
+                        "{ type filter hook output priority 0 ; }"], check=True)
+        subprocess.run([*nft, "add", "rule", "inet", "lztest", "out", "ip", "daddr",
+                        netns.hosts[1].address, "tcp", "dport", "!=", "22", "ct", "state", "new",
+                        "reject"], check=True)
+        yield
+    finally:
+        subprocess.run([*nft, "delete", "table", "inet", "lztest"], check=False)
+
+
+@pytest.mark.usefixtures("host0_cannot_dial_host1")
+def test_auto_mode_tunnels_a_host_that_another_host_cannot_reach(netns: TestHosts) -> None:
+    # Both hosts reach the manager both ways, so a probe of host <-> manager alone would make
+    # them direct, and host 0's worker could then never fetch from host 1's.
+    group = RuntimeGroup(hosts=netns.names[:3])
+    try:
+        with DaskCluster(group, tunnel="auto", n_workers=3,
+                         worker_class="distributed.Worker") as cluster, Client(cluster) as client:
+            assert cluster.direct_hosts == [netns.names[0], netns.names[2]]
+            wait_workers(client, 3)
+            workers = sorted(client.scheduler_info()["workers"])
+            for source in workers:
+                made = client.submit(lambda: b"x" * 1_000_000, workers=[source], pure=False)
+                for target in set(workers) - {source}:
+                    moved = client.submit(len, made, workers=[target], pure=False)
+                    assert moved.result(timeout=30) == 1_000_000, (source, target)
+    finally:
+        group.cleanup()
+
+
 def test_user_errors_raise_synchronously_and_leave_nothing(hosts: TestHosts,
                                                            group: RuntimeGroup) -> None:
     with pytest.raises(ValueError, match="tunnel"):

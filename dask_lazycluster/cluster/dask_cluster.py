@@ -392,9 +392,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         self._counter = 0
         self._direct_hosts: set[str] = set() if self._tunnel is True else set(self._group.hosts)
         if self._tunnel == "auto":
-            runtimes = self._group.runtimes
-            direct = run_sync(on_loop(_gather(*(r._reaches_directly() for r in runtimes))))
-            self._direct_hosts = {r.host for r, ok in zip(runtimes, direct, strict=True) if ok}
+            self._direct_hosts = run_sync(on_loop(self._group._direct_hosts()))
             logger.info("tunnel='auto': direct %s, tunneled %s", sorted(self._direct_hosts),
                         sorted(set(self._group.hosts) - self._direct_hosts))
         for launcher in (master, workers):
