@@ -3,6 +3,7 @@ start/close cycles. Each asserts results and that nothing is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,9 +102,27 @@ def test_sshd_restart_keeps_workers(fault_hosts: TestHosts) -> None:
     assert wait_no_leftovers(fault_hosts) == {}
 
 
-def test_ctrl_c_during_start_up_stops_everything(fault_hosts: TestHosts) -> None:
+def scheduler_processes_since(started: float) -> list[psutil.Process]:
+    """Scheduler processes (scheduler-process: true) created since ``started``, still alive.
+
+    Found by command line and start time: once their manager is gone they are re-parented.
+    """
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        with contextlib.suppress(psutil.Error):
+            if any("_scheduler_child.py" in c for c in p.info["cmdline"] or []) and (
+                    p.info["create_time"] >= started - 1 and p.status() != psutil.STATUS_ZOMBIE):
+                found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "scheduler-process"])
+def test_ctrl_c_during_start_up_stops_everything(fault_hosts: TestHosts,
+                                                 own_process: bool) -> None:
     script = (
+        "import dask\n"
         "from dask_lazycluster import DaskCluster, RuntimeGroup\n"
+        f"dask.config.set({{'lazycluster.scheduler-process': {own_process}}})\n"
         f"group = RuntimeGroup(hosts={fault_hosts.names!r})\n"
         "print('connected', flush=True)\n"
         "try:\n"
@@ -111,19 +130,31 @@ def test_ctrl_c_during_start_up_stops_everything(fault_hosts: TestHosts) -> None
         "    print('started', flush=True)\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', flush=True)\n"
+        "import sys; sys.stdin.read()\n"  # the session goes on, as a notebook's would
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ})
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ})
     assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
 
     def workers_starting() -> bool:
         return any(any("python" in c for c in cmds)
                    for cmds in fault_hosts.leftover_processes().values())
 
-    assert wait_until(workers_starting, timeout=30, interval=0.02)
+    def scheduler_starting() -> bool:
+        return bool(scheduler_processes_since(started))
+
+    # With its own process, interrupt while that process is still starting up.
+    assert wait_until(scheduler_starting if own_process else workers_starting, timeout=30,
+                      interval=0.02)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert "interrupted" in out or "started" not in out
+    try:
+        assert proc.stdout.readline().strip() == "interrupted"
+        # While the interrupted session goes on, as a notebook's would: nothing of the
+        # scheduler may wait for the manager's exit.
+        assert wait_until(lambda: not scheduler_processes_since(started), 15)
+    finally:
+        proc.communicate(timeout=60)
     assert wait_no_leftovers(fault_hosts, timeout=30) == {}
 
 

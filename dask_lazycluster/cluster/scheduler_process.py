@@ -87,6 +87,10 @@ class SchedulerProcess(ProcessInterface):
             raise MasterStartError("localhost", self._options.get("port"),
                                    f"the scheduler process was not listening after "
                                    f"{self._start_timeout:g} s") from None
+        except BaseException:
+            # Cancelled (Ctrl-C during start-up): no time for a polite stop, leave nothing.
+            self._process.kill()
+            raise
         kind, _, rest = line.decode(errors="replace").partition(" ")
         if kind != "READY":
             await self._stop()
