@@ -226,6 +226,10 @@ class RuntimeGroup:
                     others = [c for c in candidates if c is not x]
                     targets = [(c.runtime.remote_address, c.port) for c in others]
                     answers = await x.dial(targets, timeout) if others else []
+                    if answers is None:
+                        logger.info("tunnel='auto': %s could not run the host-to-host test; "
+                                    "the hosts it should have reached are tunneled",
+                                    x.runtime.host)
                     for c, ok in zip(others, answers or [False] * len(others), strict=True):
                         if not ok:
                             blocked[c.runtime.host].append(x.runtime.host)
