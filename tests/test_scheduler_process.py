@@ -7,13 +7,15 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import dask
 import psutil
 import pytest
-from distributed import Client
+from distributed import Client, Scheduler
 
-from dask_lazycluster import DaskCluster, RuntimeGroup
+from dask_lazycluster import DaskCluster, InvalidRuntimeError, RuntimeGroup
+from dask_lazycluster.cluster.dask_cluster import LocalMasterLauncher
 from dask_lazycluster.cluster.exceptions import MasterStartError
 from dask_lazycluster.cluster.scheduler_process import SchedulerProcess
 from dask_lazycluster.testing import TestHosts
@@ -92,3 +94,25 @@ def test_tls_and_logs_reach_the_scheduler_process(hosts: TestHosts, group: Runti
         assert client.submit(lambda: 41 + 1).result(timeout=60) == 42
         assert "Scheduler" in cluster.get_logs()
     assert wait_no_leftovers(hosts) == {}
+
+
+def test_the_early_started_process_goes_when_the_group_fails(hosts: TestHosts) -> None:
+    # DaskCluster() starts the scheduler's process before it connects to the configured hosts.
+    with dask.config.set({"lazycluster.hosts": [hosts.names[0], "nope.invalid"]}), \
+            pytest.raises(InvalidRuntimeError, match="nope.invalid"):
+        DaskCluster()
+    assert scheduler_children() == []
+    assert wait_no_leftovers(hosts) == {}
+
+
+def test_a_launcher_with_its_own_scheduler_leaves_no_process(hosts: TestHosts,
+                                                             group: RuntimeGroup) -> None:
+    class InProcess(LocalMasterLauncher):
+        def scheduler_spec(self, listen_host: str, options: dict[str, Any]) -> dict[str, Any]:
+            return {"cls": Scheduler, "options": {"host": listen_host, "port": self.port,
+                                                  "dashboard": False, **options}}
+
+    with DaskCluster(group, master_launcher=InProcess(group), n_workers=1,
+                     worker_class="distributed.Worker") as cluster:
+        assert isinstance(cluster.scheduler, Scheduler)
+        assert scheduler_children() == []

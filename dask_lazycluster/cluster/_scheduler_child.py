@@ -1,7 +1,8 @@
 """The scheduler's own process (``lazycluster.scheduler-process``), run by file path.
 
 Run by path rather than as ``-m dask_lazycluster...`` so the child imports only ``distributed``,
-not this package (and ``asyncssh``). Protocol on the pipes, one line each way:
+not this package (and ``asyncssh``). It imports ``distributed`` (and the dashboard with
+``--dashboard``) first, then waits for its options. Protocol on the pipes, one line each way:
 
 - stdin: a line with the byte length of a pickled dict ``{"options": Scheduler kwargs,
   "log_level": int}``, then those bytes. After that stdin is the lifeline: EOF (the manager
@@ -50,6 +51,14 @@ def main() -> None:
     """Read the options, run the scheduler until stdin ends or it is closed, then exit."""
     # Ctrl-C reaches the whole terminal process group: the manager decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Import while the manager still connects to its hosts (it may start us that early).
+    import distributed  # noqa: F401
+
+    if "--dashboard" in sys.argv[1:]:
+        try:
+            import distributed.dashboard.scheduler  # noqa: F401
+        except ImportError:  # no bokeh: the scheduler serves no dashboard either
+            pass
     header = sys.stdin.buffer.readline()
     if not header.strip():  # the manager went away before sending the options
         os._exit(0)

@@ -34,7 +34,7 @@ from dask_lazycluster.cluster.runtime_cluster import (
     MasterWorkerCluster,
     WorkerLauncher,
 )
-from dask_lazycluster.cluster.scheduler_process import SchedulerProcess
+from dask_lazycluster.cluster.scheduler_process import SchedulerProcess, spawn_scheduler_child
 from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import LazyclusterError, NoPortsLeftError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
@@ -116,7 +116,7 @@ class LocalMasterLauncher(MasterLauncher):
         cluster = self._cluster() if self._cluster else None
         if cluster is not None and cluster._scheduler_process:
             child = {"log_level": cluster._silence_logs or logging.INFO,
-                     "start_timeout": cluster._start_timeout}
+                     "start_timeout": cluster._start_timeout, "child": cluster._child}
             return {"cls": SchedulerProcess, "options": {**base, **options, **child}}
         return {"cls": Scheduler, "options": {**base, **options}}
 
@@ -316,23 +316,30 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         # Quiet like LocalCluster: scheduler INFO lines would drown a notebook.
         self._silence_logs = kwargs.setdefault("silence_logs", logging.WARNING)
         self._security = _resolve_security(kwargs.pop("security", None))
-        if sched_options.get("dashboard") is not False:
+        dashboard = sched_options.get("dashboard") is not False
+        # The scheduler's own process starts first: its imports overlap the SSH work below.
+        self._child = spawn_scheduler_child(dashboard) if self._scheduler_process else None
+        if dashboard and not self._scheduler_process:
             preload_dashboard()
         self._owns_group = runtime_group is None
-        if runtime_group is None:
-            hosts = setting("hosts")
-            if not hosts:
-                raise ValueError(
-                    "no runtime_group given and no hosts configured (lazycluster.hosts)"
+        try:
+            if runtime_group is None:
+                hosts = setting("hosts")
+                if not hosts:
+                    raise ValueError(
+                        "no runtime_group given and no hosts configured (lazycluster.hosts)"
+                    )
+                runtime_group = RuntimeGroup(
+                    hosts=list(hosts),
+                    working_dir=setting("working-dir"),
+                    connect_options=setting("connect-options") or None,
+                    python=self._python,
                 )
-            runtime_group = RuntimeGroup(
-                hosts=list(hosts),
-                working_dir=setting("working-dir"),
-                connect_options=setting("connect-options") or None,
-                python=self._python,
-            )
-        elif not isinstance(runtime_group, RuntimeGroup):
-            raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
+            elif not isinstance(runtime_group, RuntimeGroup):
+                raise TypeError(f"runtime_group must be a RuntimeGroup, got {runtime_group!r}")
+        except BaseException:
+            self._kill_child()
+            raise
         if ports is None:
             first, last = setting("port-range")
             ports = list(range(first, last + 1))
@@ -438,6 +445,14 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         if self._owns_group:
             with suppress(Exception):
                 self._group.cleanup()
+        self._kill_child()
+
+    def _kill_child(self) -> None:
+        """Kill the scheduler process started early if construction failed (no-op if gone)."""
+        child = getattr(self, "_child", None)
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
 
     async def _start(self) -> None:
         port = self.master_port
@@ -454,6 +469,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
             cause = root.cause if isinstance(root, MasterStartError) else (
                 f"{type(root).__name__}: {root}")
             raise MasterStartError("localhost", self.master_port, cause) from exc
+        if getattr(self.scheduler, "_process", None) is not self._child:
+            self._kill_child()  # a custom master launcher started its own scheduler
         if self._tunnel is not False:
             port = self.master_port
             assert port is not None

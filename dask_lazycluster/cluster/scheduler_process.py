@@ -12,8 +12,9 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
-from contextlib import suppress
+import threading
 from typing import Any
 
 from distributed.core import Status
@@ -29,6 +30,24 @@ _CHILD = os.path.join(os.path.dirname(__file__), "_scheduler_child.py")
 _RUN_CHILD = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
+def spawn_scheduler_child(dashboard: bool = True) -> subprocess.Popen[bytes]:
+    """Start the scheduler's process now; it imports Dask, then waits for its options.
+
+    A cluster calls this first thing, so the child's start-up overlaps the SSH connections and
+    host probes; :class:`SchedulerProcess` then sends it the options.
+
+    Args:
+        dashboard: Import the dashboard too while waiting (it will be served).
+
+    Returns:
+        The child process, its stdin and stdout piped.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN_CHILD, _CHILD, *(["--dashboard"] if dashboard else [])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+
+
 class SchedulerProcess(ProcessInterface):
     """A ``distributed.Scheduler`` in a child process of the manager.
 
@@ -39,18 +58,23 @@ class SchedulerProcess(ProcessInterface):
     Args:
         start_timeout: Seconds the child may take to start listening.
         log_level: Level of the child's ``distributed`` logger (the cluster's silence level).
+        child: A process from :func:`spawn_scheduler_child` to use (this object owns it from
+            now on); None starts one.
         **options: Keyword arguments for ``distributed.Scheduler``.
     """
 
     def __init__(
-        self, start_timeout: float = 60, log_level: int = logging.WARNING, **options: Any
+        self,
+        start_timeout: float = 60,
+        log_level: int = logging.WARNING,
+        child: subprocess.Popen[bytes] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         self._options = options
         self._start_timeout = start_timeout
         self._log_level = log_level
-        self._process: asyncio.subprocess.Process | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._process = child
         self.address: str | None = None
 
     @property
@@ -58,8 +82,11 @@ class SchedulerProcess(ProcessInterface):
         """The child's process id, or None before start."""
         return self._process.pid if self._process is not None else None
 
+    def _failed(self, cause: str) -> MasterStartError:
+        return MasterStartError("localhost", self._options.get("port"), cause)
+
     async def start(self) -> None:
-        """Start the child and wait until its scheduler listens.
+        """Send the options to the child and wait until its scheduler listens.
 
         Raises:
             MasterStartError: If the options cannot be sent, or the scheduler fails to start
@@ -69,67 +96,82 @@ class SchedulerProcess(ProcessInterface):
             # cloudpickle, as Dask ships functions: options such as plugins may be lambdas.
             payload = dumps({"options": self._options, "log_level": self._log_level})
         except Exception as exc:
-            raise MasterStartError(
-                "localhost", self._options.get("port"),
+            self._kill()
+            raise self._failed(
                 f"scheduler_options cannot be sent to the scheduler process ({exc}); "
-                f"pass picklable options or set lazycluster.scheduler-process: false",
+                f"pass picklable options or set lazycluster.scheduler-process: false"
             ) from exc
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _RUN_CHILD, _CHILD,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )
-        assert self._process.stdin is not None and self._process.stdout is not None
-        self._process.stdin.write(b"%d\n" % len(payload) + payload)
+        if self._process is None:
+            self._process = spawn_scheduler_child(self._options.get("dashboard") is not False)
+        process = self._process
+        assert process.stdin is not None and process.stdout is not None
+        loop = asyncio.get_running_loop()
         try:
-            line = await asyncio.wait_for(self._process.stdout.readline(), self._start_timeout)
+            # Pipe I/O in a thread: the child may have been started before this loop existed.
+            await loop.run_in_executor(None, _send, process.stdin, payload)
+            line = await asyncio.wait_for(
+                loop.run_in_executor(None, process.stdout.readline), self._start_timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            await self._stop()
-            raise MasterStartError("localhost", self._options.get("port"),
-                                   f"the scheduler process was not listening after "
-                                   f"{self._start_timeout:g} s") from None
+            self._kill()
+            raise self._failed(f"the scheduler process was not listening after "
+                               f"{self._start_timeout:g} s") from None
+        except OSError as exc:  # the child died before reading its options
+            self._kill()
+            raise self._failed(f"the scheduler process ended early ({exc})") from exc
         except BaseException:
             # Cancelled (Ctrl-C during start-up): no time for a polite stop, leave nothing.
-            self._process.kill()
+            self._kill()
             raise
         kind, _, rest = line.decode(errors="replace").partition(" ")
         if kind != "READY":
-            await self._stop()
+            self._kill()
             why = json.loads(rest)["error"] if kind == "ERROR" else (
-                f"it exited with status {self._process.returncode} before listening")
-            raise MasterStartError("localhost", self._options.get("port"),
-                                   f"the scheduler process failed to start: {why}")
+                f"it exited with status {process.poll()} before listening")
+            raise self._failed(f"the scheduler process failed to start: {why}")
         self.address = json.loads(rest)["address"]
-        self._watch = asyncio.ensure_future(self._watch_exit())
+        threading.Thread(target=self._watch_exit, args=(loop,), daemon=True,
+                         name="lazycluster-scheduler-watch").start()
         await super().start()
 
-    async def _watch_exit(self) -> None:
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Mark the scheduler failed if its process ends while we did not ask it to."""
         assert self._process is not None
-        code = await self._process.wait()
+        code = self._process.wait()
         if self.status == Status.running:
             self.status = Status.failed
-            logger.error("the scheduler process (pid %d) exited unexpectedly with status %s",
-                         self._process.pid, code)
+            loop.call_soon_threadsafe(
+                logger.error, "the scheduler process (pid %d) exited unexpectedly with status %s",
+                self._process.pid, code)
 
-    async def _stop(self, grace: float = 10) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        assert process.stdin is not None
-        with suppress(OSError):
-            process.stdin.close()  # the lifeline: the child closes its scheduler and exits
-        try:
-            await asyncio.wait_for(process.wait(), grace)
-        except (asyncio.TimeoutError, TimeoutError):
-            logger.warning("the scheduler process (pid %d) did not end in %g s: killing it",
-                           process.pid, grace)
-            process.kill()
-            await process.wait()
+    def _kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
 
-    async def close(self) -> None:
-        """Close the scheduler and wait for its process to end (killed after 10 s)."""
+    async def close(self, grace: float = 10) -> None:
+        """Close the scheduler and wait for its process to end (killed after ``grace`` s).
+
+        Args:
+            grace: Seconds the child gets to close its scheduler.
+        """
         self.status = Status.closing
-        await self._stop()
-        if self._watch is not None:
-            self._watch.cancel()
+        process = self._process
+        if process is not None and process.poll() is None:
+            assert process.stdin is not None
+            try:
+                process.stdin.close()  # the lifeline: the child closes its scheduler and exits
+            except OSError:
+                pass
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, process.wait), grace)
+            except (asyncio.TimeoutError, TimeoutError):
+                logger.warning("the scheduler process (pid %d) did not end in %g s: killing it",
+                               process.pid, grace)
+                self._kill()
         await super().close()
+
+
+def _send(stream: Any, payload: bytes) -> None:
+    stream.write(b"%d\n" % len(payload) + payload)
+    stream.flush()
