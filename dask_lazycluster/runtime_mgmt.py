@@ -13,7 +13,7 @@ from dask_lazycluster.exceptions import (
     NoPortsLeftError,
     PortInUseError,
 )
-from dask_lazycluster.runtimes import Runtime, RuntimeTask
+from dask_lazycluster.runtimes import Runtime, RuntimeTask, _Reach
 from dask_lazycluster.utils import (
     localhost_has_free_port,
     preload_dashboard,
@@ -222,9 +222,11 @@ class RuntimeGroup:
             blocked: dict[str, list[str]] = {x.runtime.host: [] for x in candidates}
             if len(reaches) > 1 and candidates:
 
-                async def dial_from(x: Any) -> None:
+                async def dial_from(x: _Reach) -> None:
                     others = [c for c in candidates if c is not x]
-                    targets = [(c.runtime.remote_address, c.port) for c in others]
+                    # A candidate's listener answered the manager, so its port is known.
+                    targets = [(c.runtime.remote_address, c.port) for c in others
+                               if c.port is not None]
                     answers = await x.dial(targets, timeout) if others else []
                     if answers is None:
                         logger.info("tunnel='auto': %s could not run the host-to-host test; "

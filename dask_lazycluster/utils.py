@@ -8,6 +8,8 @@ import sys
 import threading
 from collections.abc import Iterable
 
+from dask_lazycluster.config import setting
+
 _LISTEN = "0A"  # TCP state code of a listening socket in /proc/net/tcp
 
 
@@ -93,9 +95,12 @@ def preload_dashboard() -> None:
     """Import the scheduler's dashboard (bokeh, ~0.4 s of CPU) in a background thread.
 
     A scheduler imports it when it starts; doing it while the manager waits on SSH round trips
-    takes that time off the start-up path. Returns at once; a no-op once imported or begun.
+    takes that time off the start-up path. Returns at once; a no-op once imported or begun,
+    and with ``lazycluster.scheduler-process: true`` (the scheduler's own process imports it).
     """
     global _dashboard_loader
+    if setting("scheduler-process"):
+        return  # it would only take CPU from that process's start-up
     with _dashboard_lock:
         if _dashboard_loader is not None or "distributed.dashboard.scheduler" in sys.modules:
             return

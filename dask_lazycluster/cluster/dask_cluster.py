@@ -319,7 +319,7 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
         dashboard = sched_options.get("dashboard") is not False
         # The scheduler's own process starts first: its imports overlap the SSH work below.
         self._child = spawn_scheduler_child(dashboard) if self._scheduler_process else None
-        if dashboard and not self._scheduler_process:
+        if dashboard:
             preload_dashboard()
         self._owns_group = runtime_group is None
         try:
