@@ -688,8 +688,8 @@ class DaskCluster(MasterWorkerCluster, SpecCluster):
     @property
     def _forkserver(self) -> bool:
         """Whether warm processes should start the nanny's fork server ahead of need."""
-        method = self._env.get(_MP_METHOD_ENV, self._start_method)
-        return method == "forkserver" and is_nanny(self._worker_class)
+        # The user's env may override worker-start-method; __init__ always sets the variable.
+        return self._env[_MP_METHOD_ENV] == "forkserver" and is_nanny(self._worker_class)
 
     def _prewarm(self, per_host: Counter[str]) -> None:
         runtimes = [self._group.get_runtime(h) for h in per_host]
