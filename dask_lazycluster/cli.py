@@ -1,7 +1,8 @@
 """Command line interface: ``dask lazycluster ...`` (Dask CLI plugin) and ``dask-lazycluster``.
 
 Subcommands: ``list-runtimes`` (host discovery), ``check`` (is a host ready for Dask?), ``up``
-(run a cluster until Ctrl-C), ``add-runtime`` / ``delete-runtime`` (edit ``~/.ssh/config``).
+(run a cluster until Ctrl-C, optionally by name), ``ls`` / ``down`` (list and stop named
+clusters), ``add-runtime`` / ``delete-runtime`` (edit ``~/.ssh/config``).
 
 Errors a user can act on (bad arguments, unusable hosts, lazycluster and OS errors) print
 one line to stderr and exit with status 1, without a traceback.
@@ -11,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
-import os
 import re
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -34,23 +32,16 @@ from distributed.core import Status
 from distributed.utils import silence_logging_cmgr
 
 from dask_lazycluster._loop import run_sync
+from dask_lazycluster._ssh_config import add_host, delete_host
 from dask_lazycluster.cluster.dask_cluster import DaskCluster
+from dask_lazycluster.cluster.named import running_clusters, stop_cluster
 from dask_lazycluster.config import setting
 from dask_lazycluster.exceptions import InvalidRuntimeError, LazyclusterError
-from dask_lazycluster.runtime_manager import (
-    _WILDCARD,
-    RuntimeManager,
-    _split_line,
-    ssh_config_hosts,
-)
-from dask_lazycluster.runtimes import Runtime
+from dask_lazycluster.runtime_manager import RuntimeManager
+from dask_lazycluster.runtimes import Runtime, connect_runtimes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-SSH_CONFIG = "~/.ssh/config"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
-_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 
 
 def _fail(message: str) -> NoReturn:
@@ -146,10 +137,10 @@ _DISTRIBUTED_VERSION = "import distributed; print(distributed.__version__)"
 
 async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str], str | None]:
     """Report lines for one connected runtime, and why it is unusable (None: usable)."""
-    with runtime._session_limit("the distributed version check"):
-        result = await runtime._connection.run(
-            shlex.join([runtime.python, "-c", _DISTRIBUTED_VERSION]), check=False, timeout=60
-        )
+    ssh = runtime.core.state.ssh
+    result = await asyncio.wait_for(ssh.gate.run(
+        ssh.conn, shlex.join([runtime.python, "-c", _DISTRIBUTED_VERSION]),
+        "the distributed version check"), 60)
     info = runtime.info
     lines = [f"python       {runtime.python} ({info.get('python_version')})"]
     problem = None
@@ -163,7 +154,7 @@ async def _check_runtime(runtime: Runtime, ports: list[int]) -> tuple[list[str],
         lines.append("distributed  not importable")
         problem = (f"{runtime.python} cannot import distributed"
                    f"{': ' + error[-1] if error else ''}")
-    busy = await runtime._listening_ports()
+    busy = await runtime.core.listening_ports()
     for port in ports:
         lines.append(f"port {port:<7} {'in use' if port in busy else 'free'}")
     return lines, problem
@@ -174,7 +165,7 @@ async def _check_hosts(
 ) -> list[tuple[list[str], str | None]]:
     async def one(host: str) -> tuple[list[str], str | None]:
         try:
-            runtime = await Runtime._create(host, None, options, python)
+            (runtime,) = await connect_runtimes([host], None, options, python)
         except InvalidRuntimeError as exc:
             return [], exc.cause
         try:
@@ -182,7 +173,7 @@ async def _check_hosts(
         except Exception as exc:
             return [], f"check failed: {exc}"
         finally:
-            await runtime._cleanup()
+            await runtime.core.cleanup()
 
     return list(await asyncio.gather(*(one(h) for h in hosts)))
 
@@ -257,7 +248,7 @@ def _start_workers(cluster: DaskCluster, target: int, show_progress: bool) -> No
 
     def wait() -> None:
         try:
-            cluster.sync(cluster._correct_state)
+            cluster.sync(cluster.reconcile)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -285,14 +276,23 @@ def _start_workers(cluster: DaskCluster, target: int, show_progress: bool) -> No
               help="Scale adaptively between MIN and MAX workers.")
 @click.option("--tunnel", type=click.Choice(["true", "false", "auto"], case_sensitive=False),
               default=None, help="Networking mode; default: lazycluster.tunnel.")
+@click.option("--name", default=None, metavar="NAME",
+              help="Register the cluster as NAME: other processes of yours on this machine can "
+                   "list, drive and stop it (ls, down, DaskCluster.from_name).")
+@click.option("--scheduler-host", default=None, metavar="HOST",
+              help="Run the scheduler on this host of the cluster instead of here; default: "
+                   "lazycluster.scheduler-host.")
 @click.pass_context
 @_reports_errors
 def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
-       adapt: tuple[int, int] | None, tunnel: str | None) -> None:
+       adapt: tuple[int, int] | None, tunnel: str | None, name: str | None,
+       scheduler_host: str | None) -> None:
     """Start a Dask cluster on SSH hosts and keep it running until Ctrl-C or SIGTERM.
 
-    The scheduler runs here; the scheduler address and dashboard link are printed once it
-    is up. Every other setting comes from the lazycluster.* Dask config.
+    The scheduler runs here (or on --scheduler-host, reached through a local forward); the
+    scheduler address and dashboard link are printed once it is up. With --name,
+    `dask lazycluster down NAME` stops it too. Every other setting comes from the
+    lazycluster.* Dask config.
     """
     hosts = [h.strip() for value in host_lists for h in value.split(",") if h.strip()]
     overrides: dict[str, Any] = {"lazycluster.hosts": hosts} if hosts else {}
@@ -307,7 +307,11 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
         cluster: DaskCluster | None = None
         ready = False
         try:
-            cluster = DaskCluster(n_workers=0, tunnel=tunnel_mode)
+            named: dict[str, Any] = {} if name is None else {"name": name}
+            cluster = DaskCluster(n_workers=0, tunnel=tunnel_mode,
+                                  scheduler_host=scheduler_host, **named)
+            if name is not None:
+                click.echo(f"Name: {name} (dask lazycluster down {name} stops it)")
             click.echo(f"Scheduler: {cluster.scheduler_address}")
             click.echo(f"Dashboard: {cluster.dashboard_link or 'not available (install bokeh)'}")
             if n_workers is not None:
@@ -325,9 +329,12 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
             click.echo(f"Ready: {len(cluster.workers)} worker(s) on {hosts_used}"
                        + (f", adapting between {adapt[0]} and {adapt[1]}" if adapt else ""))
             click.echo("Press Ctrl-C to stop.")
-            while cluster.status == Status.running:
+            while cluster.status == Status.running or (
+                    cluster.status == Status.closing and not cluster.closed_on_request):
                 time.sleep(0.5)
-            _fail("the cluster stopped by itself")
+            if not cluster.closed_on_request:
+                _fail("the cluster stopped by itself")
+            click.echo(f"Stopped by another process ({cluster.name}).")
         except KeyboardInterrupt:
             # A second signal while closing ends the process at once (remote processes still
             # die with their SSH channels).
@@ -343,84 +350,54 @@ def up(ctx: click.Context, host_lists: tuple[str, ...], n_workers: int | None,
             ctx.exit(128 + (stop.signum or signal.SIGINT))
 
 
+# -- ls / down ---------------------------------------------------------------------------------
+
+
+@lazycluster.command("ls")
+@_reports_errors
+def ls() -> None:
+    """List the named clusters of yours running on this machine.
+
+    Records left by killed clusters are removed on the way.
+    """
+    clusters = running_clusters()
+    if not clusters:
+        click.echo("No named clusters are running.")
+        return
+    rows = [["NAME", "WORKERS", "HOSTS", "ADDRESS", "STARTED", "PID"]]
+    for c in clusters:
+        workers = {"starting": "starting", "not answering": "?"}.get(c.status, str(c.workers))
+        if c.status == "running" and c.requested != c.workers:
+            workers = f"{c.workers}/{c.requested}"
+        rows.append([c.name, workers, ",".join(c.hosts) or "-", c.scheduler_address or "-",
+                     datetime.fromtimestamp(c.started).strftime("%Y-%m-%d %H:%M:%S"), str(c.pid)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@lazycluster.command("down")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@_reports_errors
+def down(names: tuple[str, ...]) -> None:
+    """Stop the named clusters NAME...: their processes close them, nothing is left on the hosts.
+
+    Exits with status 1 if any NAME is not running (the others are still stopped).
+    """
+    failed = False
+    for name in dict.fromkeys(names):
+        try:
+            stop_cluster(name)
+        except (LazyclusterError, ValueError) as exc:
+            failed = True
+            click.echo(f"Error: {' '.join(str(exc).split())}", err=True)
+        else:
+            click.echo(f"Stopped {name}.")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 # -- add-runtime / delete-runtime --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked_ssh_config() -> Iterator[str]:
-    """Yield the path of ``~/.ssh/config`` (``~/.ssh`` created 0700), holding a lock on ``~/.ssh``."""
-    path = os.path.expanduser(SSH_CONFIG)
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700)
-        os.chmod(directory, 0o700)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield path
-    finally:
-        os.close(fd)
-
-
-def _write_ssh_config(path: str, text: str) -> str | None:
-    """Back the config up, then replace it atomically (mode 0600); return the backup's path."""
-    target = os.path.realpath(path)
-    backup = None
-    if os.path.exists(target):
-        backup = f"{path}.bak"
-        shutil.copy2(target, backup)
-        os.chmod(backup, 0o600)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", dir=os.path.dirname(target))
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return backup
-
-
-def _read(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
-def _parse_target(target: str) -> tuple[str | None, str, int | None]:
-    """Split ``[user@]host[:port]`` (IPv6 in brackets when a port follows)."""
-    user, _, rest = target.rpartition("@")
-    port: int | None = None
-    host = rest
-    if rest.startswith("[") and "]" in rest:
-        host, _, tail = rest[1:].partition("]")
-        if tail:
-            if not tail.startswith(":"):
-                raise ValueError(f"cannot parse {target!r} as user@host[:port]")
-            port = _port(tail[1:], target)
-    elif rest.count(":") == 1:
-        host, _, port_text = rest.partition(":")
-        port = _port(port_text, target)
-    if (user and not _USER.fullmatch(user)) or "@" in target and not user:
-        raise ValueError(f"invalid user name in {target!r}")
-    if not host or not _HOST.fullmatch(host):
-        raise ValueError(f"invalid host in {target!r} (expected user@host[:port])")
-    return user or None, host, port
-
-
-def _port(text: str, target: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"invalid port in {target!r}: {text!r}")
-    return int(text)
-
-
-def _quote(value: str) -> str:
-    return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
 @lazycluster.command("add-runtime")
@@ -434,60 +411,10 @@ def add_runtime(name: str, target: str, id_file: str | None) -> None:
     The entry goes before the first wildcard Host (or Match) block, so that defaults set
     there do not override it.
     """
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"invalid runtime name {name!r}: use letters, digits, '.', '_', '-'")
-    user, host, port = _parse_target(target)
-    lines = [f"Host {name}", f"    HostName {host}"]
-    if user:
-        lines.append(f"    User {user}")
-    if port is not None:
-        lines.append(f"    Port {port}")
-    if id_file is not None:
-        key = os.path.abspath(os.path.expanduser(id_file))
-        if not os.path.isfile(key):
-            raise ValueError(f"--id-file {id_file!r} does not exist")
-        lines.append(f"    IdentityFile {_quote(key)}")
-    with _locked_ssh_config() as path:
-        if os.path.exists(path) and name in ssh_config_hosts(path):
-            raise ValueError(f"a Host entry {name!r} already exists in {path} (or a file it includes)")
-        existing = _read(path)
-        at = len(existing)
-        for index, line in enumerate(existing):
-            parsed = _split_line(line)
-            if parsed and (parsed[0] == "match" or (
-                    parsed[0] == "host" and any(_WILDCARD.search(p) for p in parsed[1]))):
-                at = index
-                break
-        before, after = existing[:at], existing[at:]
-        if before and before[-1].strip():
-            before.append("")
-        block = lines + ([""] if after else [])
-        backup = _write_ssh_config(path, "\n".join(before + block + after) + "\n")
+    path, backup = add_host(name, target, id_file)
     click.echo(f"Added Host {name} ({target}) to {path}"
                + (f" (backup: {backup})" if backup else ""))
     click.echo(f"Its host key must be in ~/.ssh/known_hosts: connect once with `ssh {name}`.")
-
-
-def _block_ranges(lines: list[str], name: str) -> tuple[list[tuple[int, int]], list[str]]:
-    """Line ranges of the ``Host name`` blocks, and other Host lines that also name it."""
-    starts = []
-    for index, line in enumerate(lines):
-        parsed = _split_line(line)
-        if parsed and parsed[0] in ("host", "match"):
-            starts.append((index, parsed))
-    ranges, shared = [], []
-    for i, (start, (keyword, args)) in enumerate(starts):
-        if keyword != "host" or name not in args:
-            continue
-        if args != [name]:
-            shared.append(lines[start].strip())
-            continue
-        end = starts[i + 1][0] if i + 1 < len(starts) else len(lines)
-        # Unindented comments and blank lines at the end belong to what follows.
-        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].startswith("#")):
-            end -= 1
-        ranges.append((start, end))
-    return ranges, shared
 
 
 @lazycluster.command("delete-runtime")
@@ -495,23 +422,7 @@ def _block_ranges(lines: list[str], name: str) -> tuple[list[tuple[int, int]], l
 @_reports_errors
 def delete_runtime(name: str) -> None:
     """Remove the Host entry NAME from ~/.ssh/config (a backup is kept)."""
-    with _locked_ssh_config() as path:
-        lines = _read(path)
-        ranges, shared = _block_ranges(lines, name)
-        if shared:
-            raise ValueError(f"{name!r} shares a Host line with other hosts in {path} "
-                             f"({shared[0]!r}): edit it by hand")
-        if not ranges:
-            raise ValueError(f"no Host entry {name!r} in {path}")
-        for start, end in reversed(ranges):
-            del lines[start:end]
-            # Do not leave two blank lines (or a trailing one) where the block was.
-            if start < len(lines) and not lines[start].strip() and (
-                    start == 0 or not lines[start - 1].strip()):
-                del lines[start]
-            elif start == len(lines) and start > 0 and not lines[start - 1].strip():
-                del lines[start - 1]
-        backup = _write_ssh_config(path, "\n".join(lines) + ("\n" if lines else ""))
+    path, backup = delete_host(name)
     click.echo(f"Removed Host {name} from {path} (backup: {backup})")
 
 

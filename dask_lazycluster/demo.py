@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
             with DaskCluster(group, tunnel=args.tunnel) as cluster, Client(cluster) as client:
                 print(f"cluster with {len(cluster.workers)} workers in "
                       f"{time.monotonic() - t0:.1f} s; dashboard: {cluster.dashboard_link}")
-                where = Counter(client.run(socket.gethostname).values())
-                print("workers per host:", dict(where))
+                print("workers (host, threads):", sorted(client.run(
+                    lambda dask_worker: (socket.gethostname(), dask_worker.state.nthreads)).values()))
                 total = sum(client.gather(client.map(lambda x: x * x, range(1000))))
                 print("sum of squares 0..999 computed on the cluster:", total)
                 assert total == sum(x * x for x in range(1000))
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                 matrix = da.random.random((3000, 3000), chunks=(750, 750))
                 print("mean of a 3000x3000 random matrix:", round(float(matrix.mean().compute()), 3))
                 t1 = time.monotonic()
-                cluster.scale(2 * len(hosts.names))
+                cluster.scale(2 * len(hosts.names))  # each host's two workers share it
+                cluster.sync(cluster.reconcile)  # new workers up, resized ones replaced
                 client.wait_for_workers(2 * len(hosts.names))
                 print(f"scaled to {2 * len(hosts.names)} workers in {time.monotonic() - t1:.1f} s:",
                       dict(Counter(client.run(socket.gethostname).values())))

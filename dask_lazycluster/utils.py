@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import socket
 import sys
 import threading
@@ -118,3 +120,46 @@ def preload_dashboard() -> None:
 
 _dashboard_lock = threading.Lock()
 _dashboard_loader: threading.Thread | None = None
+
+
+class Environment:
+    """lazycluster's library-wide settings (its ``lazycluster.utils.Environment``).
+
+    Attributes:
+        main_directory: lazycluster's directory for execution log files on the manager.
+            Kept for compatibility: execution logs are kept in memory here.
+        third_party_log_level: Log level of the SSH library (asyncssh here, paramiko in
+            lazycluster); set it with :meth:`set_third_party_log_level`.
+        use_dev_version: Kept for compatibility: nothing is installed on the hosts.
+    """
+
+    main_directory = os.path.abspath("./lazycluster")
+    third_party_log_level = logging.CRITICAL
+    use_dev_version = False
+
+    @classmethod
+    def set_main_directory(cls, dir: str) -> None:  # noqa: A002  (lazycluster's name)
+        """Set :attr:`main_directory` (a relative path is made absolute).
+
+        Args:
+            dir: The directory.
+        """
+        cls.main_directory = os.path.abspath(dir)
+
+    @classmethod
+    def set_third_party_log_level(cls, log_level: int) -> None:
+        """Set the log level of the SSH library (asyncssh) on the manager.
+
+        Unlike lazycluster, the root logger's configuration is left alone (Dask and the
+        application own it).
+
+        Args:
+            log_level: A ``logging`` level such as ``logging.ERROR``.
+        """
+        cls.third_party_log_level = log_level
+        logging.getLogger("asyncssh").setLevel(log_level)
+
+    @classmethod
+    def use_lazycluster_dev_version(cls) -> None:
+        """Kept for compatibility: nothing is installed on the hosts, so it has no effect."""
+        cls.use_dev_version = True
