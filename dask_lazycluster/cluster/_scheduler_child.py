@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sys
 from typing import Any
@@ -61,7 +62,7 @@ def main() -> None:
             pass
     header = sys.stdin.buffer.readline()
     if not header.strip():  # the manager went away before sending the options
-        os._exit(0)
+        _finish(0)
     payload = pickle.loads(sys.stdin.buffer.read(int(header)))
     status = 0
     try:
@@ -70,7 +71,17 @@ def main() -> None:
         logging.getLogger("distributed").exception("the scheduler process failed")
         status = 1
     sys.stdout.flush()
-    # The lifeline thread may still block on stdin; it must not keep the process alive.
+    _finish(status)
+
+
+def _finish(status: int) -> None:
+    """Remove our scratch space (a killed manager cannot), then exit at once.
+
+    ``os._exit``: the lifeline thread may still block on stdin and must not keep us alive.
+    """
+    scratch = os.environ.get("DASK_TEMPORARY_DIRECTORY", "")
+    if os.path.basename(scratch).startswith("lazycluster-scheduler-"):
+        shutil.rmtree(scratch, ignore_errors=True)
     os._exit(status)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from dask_lazycluster.exceptions import LazyclusterError, MasterStartError
 from dask_lazycluster.runtime_mgmt import RuntimeGroup
 
 
@@ -74,9 +75,11 @@ class MasterLauncher(_Launcher, ABC):
             MasterStartError: If the master did not start within ``timeout``.
         """
 
-    @abstractmethod
     def cleanup(self) -> None:
-        """Release all resources."""
+        """Release all resources: stop :attr:`process` if it can be terminated."""
+        terminate = getattr(self._process, "terminate", None)
+        if callable(terminate):
+            terminate()
 
 
 class WorkerLauncher(_Launcher, ABC):
@@ -114,32 +117,53 @@ class WorkerLauncher(_Launcher, ABC):
             NoPortsLeftError: If there are not enough free ports.
         """
 
-    @abstractmethod
+    def setup_worker_ssh_tunnels(self) -> None:
+        """Make every worker port of :attr:`ports_per_host` reachable everywhere.
+
+        Each port becomes ``localhost:<port>`` on the manager and on every other runtime
+        (``RuntimeGroup.expose_port_from_runtime_to_group``).
+
+        Raises:
+            ValueError: If a host is not in the group.
+            PortInUseError: If a worker port is busy on the manager or another runtime.
+        """
+        for host, ports in self._ports_per_host.items():
+            for port in ports:
+                self._group.expose_port_from_runtime_to_group(host, port)
+
     def cleanup(self) -> None:
-        """Release all resources."""
+        """Release all resources (none by default)."""
 
 
-class MasterWorkerCluster:
+class RuntimeCluster:
+    """Base class of the clusters of this package (lazycluster's abstract cluster class)."""
+
+
+class MasterWorkerCluster(RuntimeCluster):
     """A master and its workers on a runtime group, started through launcher strategies.
 
     Args:
         runtime_group: The group to run on.
         ports: Ports for the master (when the default is busy) and the workers; defaults to
             ``range(DEFAULT_PORT_RANGE_START, DEFAULT_PORT_RANGE_END)``.
-        master_launcher: Strategy for the master.
-        worker_launcher: Strategy for the workers.
+        master_launcher: Strategy for the master; subclasses set their default.
+        worker_launcher: Strategy for the workers; subclasses set their default.
     """
 
     DEFAULT_MASTER_PORT = 60000
     DEFAULT_PORT_RANGE_START = 60001
-    DEFAULT_PORT_RANGE_END = 61000
+    DEFAULT_PORT_RANGE_END = 60200
+
+    # Set when given (subclasses such as DaskCluster always give both); see _launchers().
+    _master_launcher: MasterLauncher
+    _worker_launcher: WorkerLauncher
 
     def __init__(
         self,
         runtime_group: RuntimeGroup,
-        ports: list[int] | None,
-        master_launcher: MasterLauncher,
-        worker_launcher: WorkerLauncher,
+        ports: list[int] | None = None,
+        master_launcher: MasterLauncher | None = None,
+        worker_launcher: WorkerLauncher | None = None,
     ) -> None:
         self._group = runtime_group
         self._ports = (
@@ -147,13 +171,25 @@ class MasterWorkerCluster:
             if ports is not None
             else list(range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END))
         )
-        self._master_launcher = master_launcher
-        self._worker_launcher = worker_launcher
+        if master_launcher is not None:
+            self._master_launcher = master_launcher
+        if worker_launcher is not None:
+            self._worker_launcher = worker_launcher
+
+    def _launchers(self) -> tuple[MasterLauncher | None, WorkerLauncher | None]:
+        return (getattr(self, "_master_launcher", None), getattr(self, "_worker_launcher", None))
+
+    def _required(self, kind: str) -> Any:
+        launcher = self._launchers()[0 if kind == "master" else 1]
+        if launcher is None:
+            raise LazyclusterError(f"no {kind} launcher: pass one to the cluster's constructor")
+        return launcher
 
     @property
     def master_port(self) -> int | None:
         """The port of the master; None if not started."""
-        return self._master_launcher.port
+        master = self._launchers()[0]
+        return master.port if master is not None else None
 
     @property
     def runtime_group(self) -> RuntimeGroup:
@@ -163,7 +199,8 @@ class MasterWorkerCluster:
     @property
     def worker_count(self) -> int:
         """Number of workers placed so far."""
-        return sum(len(p) for p in self._worker_launcher.ports_per_host.values())
+        workers = self._launchers()[1]
+        return sum(len(p) for p in workers.ports_per_host.values()) if workers else 0
 
     def start(
         self, worker_count: int | None = None, master_port: int | None = None, debug: bool = False
@@ -198,10 +235,10 @@ class MasterWorkerCluster:
             PortInUseError: If ``master_port`` is given and not free in the group.
             NoPortsLeftError: If no port is free for the master.
             MasterStartError: If the master did not start, or runs on another port already.
+            LazyclusterError: If the cluster has no master launcher.
         """
-        from dask_lazycluster.cluster.exceptions import MasterStartError
-
-        running = self._master_launcher.port
+        master: MasterLauncher = self._required("master")
+        running = master.port
         if running is not None:
             if master_port is None or master_port == running:
                 return
@@ -209,13 +246,13 @@ class MasterWorkerCluster:
                 "localhost", master_port, f"the master already runs on port {running}"
             )
         if master_port is not None:
-            self._master_launcher.start(master_port, timeout, debug)
+            master.start(master_port, timeout, debug)
         else:
             candidates = [self.DEFAULT_MASTER_PORT] + [
                 p for p in self._ports if p != self.DEFAULT_MASTER_PORT
             ]
-            self._master_launcher.start(candidates, timeout, debug)
-        self._ports = [p for p in self._ports if p != self._master_launcher.port]
+            master.start(candidates, timeout, debug)
+        self._ports = [p for p in self._ports if p != master.port]
 
     def start_workers(self, count: int | None = None, debug: bool = False) -> None:
         """Add ``count`` workers (default: one per runtime).
@@ -227,14 +264,14 @@ class MasterWorkerCluster:
         Raises:
             ValueError: If ``count`` is negative or not an int.
             NoPortsLeftError: If the port list cannot serve that many workers.
+            LazyclusterError: If the cluster has no worker launcher.
         """
         count = self._group.runtime_count if count is None else count
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be an int >= 0, got {count!r}")
         if count:
-            self._ports = self._worker_launcher.start(
-                count, self.master_port or 0, self._ports, debug
-            )
+            workers: WorkerLauncher = self._required("worker")
+            self._ports = workers.start(count, self.master_port or 0, self._ports, debug)
 
     def print_log(self) -> None:
         """Print the execution log of every runtime (see ``RuntimeGroup.print_log``)."""
@@ -242,5 +279,8 @@ class MasterWorkerCluster:
 
     def cleanup(self) -> None:
         """Release all resources: workers, master, forwards."""
-        self._worker_launcher.cleanup()
-        self._master_launcher.cleanup()
+        master, workers = self._launchers()
+        if workers is not None:
+            workers.cleanup()
+        if master is not None:
+            master.cleanup()

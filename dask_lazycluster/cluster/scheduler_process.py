@@ -12,8 +12,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -40,12 +42,35 @@ def spawn_scheduler_child(dashboard: bool = True) -> subprocess.Popen[bytes]:
         dashboard: Import the dashboard too while waiting (it will be served).
 
     Returns:
-        The child process, its stdin and stdout piped.
+        The child process, its stdin and stdout piped. Its Dask scratch space is a private
+        temp dir, removed by :func:`end_scheduler_child` (a killed scheduler cannot remove it).
     """
-    return subprocess.Popen(
+    scratch = tempfile.mkdtemp(prefix="lazycluster-scheduler-")
+    process = subprocess.Popen(
         [sys.executable, "-c", _RUN_CHILD, _CHILD, *(["--dashboard"] if dashboard else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "DASK_TEMPORARY_DIRECTORY": scratch},
     )
+    _scratch[process.pid] = scratch
+    return process
+
+
+def end_scheduler_child(process: subprocess.Popen[bytes]) -> None:
+    """Kill the child if it still runs, wait for it, and remove its scratch space.
+
+    Args:
+        process: A process from :func:`spawn_scheduler_child`.
+    """
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    scratch = _scratch.pop(process.pid, None)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Scratch dir of each child by pid, until end_scheduler_child removes it.
+_scratch: dict[int, str] = {}
 
 
 class SchedulerProcess(ProcessInterface):
@@ -144,9 +169,8 @@ class SchedulerProcess(ProcessInterface):
                 self._process.pid, code)
 
     def _kill(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        if self._process is not None:
+            end_scheduler_child(self._process)
 
     async def close(self, grace: float = 10) -> None:
         """Close the scheduler and wait for its process to end (killed after ``grace`` s).
@@ -168,7 +192,7 @@ class SchedulerProcess(ProcessInterface):
             except (asyncio.TimeoutError, TimeoutError):
                 logger.warning("the scheduler process (pid %d) did not end in %g s: killing it",
                                process.pid, grace)
-                self._kill()
+        self._kill()  # (ended by now, or killed here) and its scratch space removed
         await super().close()
 
 
