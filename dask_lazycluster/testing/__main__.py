@@ -1,7 +1,8 @@
-"""CLI: ``python -m dask_lazycluster.testing up N [--firewall] | down | status``.
+"""CLI: ``python -m dask_lazycluster.testing up N [--firewall] [--bastion] [--spec ...] | down | status``.
 
 ``up`` starts N SSH test hosts that outlive the command (state in ``state.json``), ``down`` tears
 down every recorded set (and stale namespaces of earlier runs), ``status`` shows what is up.
+See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import psutil
 from dask_lazycluster.testing.hosts import (
     MARK,
     HarnessError,
+    HostSpec,
     TestHosts,
-    _default_netns_prefix,
-    _drop_bridge_if_unused,
-    _kill_netns,
-    _namespaces,
+    default_netns_prefix,
     read_state,
     state_dir,
 )
+from dask_lazycluster.testing.network import drop_bridge_if_unused, kill_netns, namespaces
 
 _USER_CONFIG = Path("~/.ssh/config").expanduser()
 
@@ -45,27 +45,85 @@ def _remove_include() -> None:
             _USER_CONFIG.write_text(new)
 
 
-def _recorded_namespaces() -> set[str]:
+def _recordednamespaces() -> set[str]:
     """Namespaces of every set in the state file."""
     return {h["netns"] for info in read_state().values() for h in info["hosts"] if h["netns"]}
 
 
+def parse_spec(text: str) -> tuple[int, HostSpec]:
+    """Parse ``--spec`` text: ``I:key=value,...`` with keys cpus, memory, gpus, python, env.NAME.
+
+    Args:
+        text: E.g. ``2:cpus=1,memory=512M,gpus=2,python=/opt/lzenv,env.COLOR=blue``.
+
+    Returns:
+        Host number and its spec.
+
+    Raises:
+        argparse.ArgumentTypeError: Malformed text or an unknown key.
+    """
+    number, _, rest = text.partition(":")
+    if not number.isdigit() or not rest:
+        raise argparse.ArgumentTypeError(f"--spec {text!r}: expected I:key=value[,key=value]")
+    fields: dict[str, object] = {}
+    env: dict[str, str] = {}
+    python = None
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        if key in ("cpus", "gpus") and value.isdigit():
+            fields[key] = int(value)
+        elif key == "memory" and value:
+            fields[key] = int(value) if value.isdigit() else value
+        elif key == "python" and value:
+            python = value
+        elif key.startswith("env.") and len(key) > 4:
+            env[key[4:]] = value
+        else:
+            raise argparse.ArgumentTypeError(f"--spec {text!r}: bad item {item!r} (keys: cpus, "
+                                             "memory, gpus, python, env.NAME)")
+    spec = HostSpec(env=env, **fields)  # type: ignore[arg-type]
+    return int(number), spec.with_python_at(python) if python else spec
+
+
 def _up(args: argparse.Namespace) -> None:
     """Start hosts detached and print how to reach them."""
-    hosts = TestHosts(args.n, firewall=args.firewall, mode=args.mode, prefix=args.prefix,
-                      first_host=args.first_host).up(detached=True)
+    try:
+        hosts = TestHosts(args.n, firewall=args.firewall, mode=args.mode, prefix=args.prefix,
+                          first_host=args.first_host, max_sessions=args.max_sessions,
+                          max_startups=args.max_startups, bastion=args.bastion,
+                          specs=dict(args.spec)).up(detached=True)
+    except ValueError as exc:
+        raise HarnessError(str(exc)) from exc
     fw = ", firewall: only port 22 open" if hosts.firewall else ""
     print(f"{len(hosts.hosts)} test hosts up ({hosts.mode} mode{fw}):")
     for h in hosts.hosts:
         where = f"  netns {h.netns}" if h.netns else ""
-        print(f"  {h.name:10} {h.address}:{h.port}{where}")
+        via = f"  via {h.jump}" if h.jump else ""
+        spec = hosts.specs.get(h.name)
+        print(f"  {h.name:10} {h.address}:{h.port}{where}{via}" + (f"  {spec}" if spec else ""))
     print(f"manager address (as seen from the hosts): {hosts.manager_address}")
     print(f"ssh config: {hosts.ssh_config}")
     print(f"try:        ssh -F {hosts.ssh_config} {hosts.names[0]} hostname")
-    if args.install_ssh_config:
-        _install_include(hosts.ssh_config)
-        print(f"added `Include {hosts.ssh_config}` to {_USER_CONFIG} (removed by down)")
+    print(_by_name_hint(hosts, args.install_ssh_config))
     print("tear down:  python -m dask_lazycluster.testing down")
+
+
+def _by_name_hint(hosts: TestHosts, install: bool) -> str:
+    """How to reach the hosts by name from Python (and from the docs' examples)."""
+    names = ", ".join(repr(n) for n in hosts.names)
+    if install:
+        _install_include(hosts.ssh_config)
+        lines = [f"added `Include {hosts.ssh_config}` to {_USER_CONFIG} (down removes it):",
+                 f"  `ssh {hosts.names[0]}`, Runtime({hosts.names[0]!r}) and "
+                 f"RuntimeGroup(hosts=[{names}]) find them by name"]
+    else:
+        lines = ["to use them by name (ssh NAME, Runtime(NAME), the docs' examples), start them "
+                 "with --install-ssh-config,",
+                 f"  or run Python with HOME={hosts.home} (its .ssh/config lists them)"]
+    if not hosts.prefix.startswith("node"):
+        lines.append("the docs' examples use node1, node2, ...: `up N --prefix node` gives "
+                     "hosts those names")
+    return "\n".join(lines)
 
 
 def _down(args: argparse.Namespace) -> None:
@@ -77,12 +135,12 @@ def _down(args: argparse.Namespace) -> None:
         if prefix in read_state():
             TestHosts.from_state(prefix).down()
             print(f"{prefix}: down")
-    pattern = re.escape(_default_netns_prefix(args.prefix)) if args.prefix else "lz[a-z]*"
-    stale = [ns for ns in _namespaces(pattern) if ns not in _recorded_namespaces()]
+    pattern = re.escape(default_netns_prefix(args.prefix)) if args.prefix else "lz[a-z]*"
+    stale = [ns for ns in namespaces(pattern) if ns not in _recordednamespaces()]
     for ns in stale:
-        _kill_netns(ns)
+        kill_netns(ns)
         print(f"removed stale namespace {ns}")
-    _drop_bridge_if_unused()
+    drop_bridge_if_unused()
     _remove_include()
 
 
@@ -100,7 +158,7 @@ def _status(args: argparse.Namespace) -> None:
             pid = info["sshd_pids"].get(h["name"])
             alive = "sshd running" if pid and psutil.pid_exists(pid) else "sshd NOT running"
             print(f"  {h['name']:10} {h['address']}:{h['port']}  netns {h['netns']}  {alive}")
-    for ns in sorted(set(_namespaces("lz[a-z]*")) - _recorded_namespaces()):
+    for ns in sorted(set(namespaces("lz[a-z]*")) - _recordednamespaces()):
         print(f"stale namespace (not recorded): {ns}")
 
 
@@ -120,11 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("n", type=int)
     up.add_argument("--firewall", action="store_true", help="allow only inbound TCP port 22")
     up.add_argument("--mode", choices=["auto", "netns", "local"], default="auto")
-    up.add_argument("--prefix", default="lzhost")
+    up.add_argument("--prefix", default="lzhost",
+                    help="host names are PREFIX1..N (e.g. --prefix node: node1, node2, ...)")
     up.add_argument("--first-host", type=int, help="host i gets address octet FIRST_HOST + i "
                     "(default: lowest free multiple of 10)")
+    up.add_argument("--bastion", action="store_true",
+                    help="host 1 is a jump host; the others are reachable only through it")
+    up.add_argument("--max-sessions", type=int, help="sshd MaxSessions (default: OpenSSH's, 10)")
+    up.add_argument("--max-startups", help="sshd MaxStartups (default: OpenSSH's, 10:30:100)")
+    up.add_argument("--spec", type=parse_spec, action="append", default=[], metavar="I:K=V,...",
+                    help="make host I differ: cpus=N, memory=512M, gpus=N, python=/opt/lzenv "
+                    "(the manager's Python lives there only), env.NAME=VALUE; repeatable")
     up.add_argument("--install-ssh-config", action="store_true",
-                    help="add an Include of the hosts' ssh config to ~/.ssh/config")
+                    help="add an Include of the hosts' ssh config to ~/.ssh/config, so that "
+                    "`ssh NAME` and Runtime(NAME) find them (down removes it)")
     down = sub.add_parser("down", help="tear down hosts started earlier")
     down.add_argument("--prefix", help="only this set (default: all)")
     sub.add_parser("status", help="show running hosts")
