@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -93,6 +94,48 @@ def echo_from_manager(port: int) -> str:
         return conn.recv(1024).decode()
 
 
+@contextmanager
+def new_tcp_refused(hosts: TestHosts, index: int, peer: str, outgoing: bool,
+                    table: str) -> Iterator[None]:
+    """In test host ``index``'s namespace, refuse new TCP connections to or from ``peer``.
+
+    SSH (port 22) and replies on existing connections still pass. Needs netns hosts.
+
+    Args:
+        hosts: The test hosts.
+        index: Which host gets the rule.
+        peer: The other side's address.
+        outgoing: True: connections the host opens to ``peer``; False: ``peer``'s to the host.
+        table: The nft table to hold the rule (removed afterwards).
+
+    Yields:
+        Nothing; the rule holds until the block ends.
+    """
+    nft = ["ip", "netns", "exec", str(hosts.hosts[index].netns), "nft"]
+    chain, hook, field = ("out", "output", "daddr") if outgoing else ("in", "input", "saddr")
+    subprocess.run([*nft, "add", "table", "inet", table], check=True)
+    try:
+        subprocess.run([*nft, "add", "chain", "inet", table, chain,
+                        f"{{ type filter hook {hook} priority 0 ; }}"], check=True)
+        subprocess.run([*nft, "add", "rule", "inet", table, chain, "ip", field, peer,
+                        "tcp", "dport", "!=", "22", "ct", "state", "new", "reject"], check=True)
+        yield
+    finally:
+        subprocess.run([*nft, "delete", "table", "inet", table], check=False)
+
+
+def ssh_config_block(hosts: TestHosts, name: str) -> list[str]:
+    """The option lines of ``Host name`` in the test hosts' ssh config."""
+    lines = hosts.ssh_config.read_text().splitlines()
+    start = lines.index(f"Host {name}")
+    body = []
+    for line in lines[start + 1:]:
+        if not line.startswith((" ", "\t")):
+            break
+        body.append(line)
+    return body
+
+
 def free_port() -> int:
     """A port free on the manager right now (and, by the test hosts' design, on them)."""
     with socket.socket() as s:
@@ -108,3 +151,30 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: floa
         if value or time.monotonic() > deadline:
             return bool(value)
         time.sleep(interval)
+
+
+def worker_hosts(client: Any) -> Counter[str]:
+    """Hostname of each worker the scheduler knows, counted."""
+    return Counter(client.run(socket.gethostname).values())
+
+
+def wait_layout(client: Any, expected: Counter[str], timeout: float = 90) -> Counter[str]:
+    """Wait until the workers sit on hosts as ``expected``; return the last layout seen.
+
+    The worker count reaches its target before the layout settles: a host whose share
+    changed has its resized workers replaced one by one, so for a moment one host can hold
+    an extra worker and another one too few. A worker closing while it is asked counts as
+    "not settled yet".
+    """
+    seen: Counter[str] = Counter()
+
+    def settled() -> bool:
+        nonlocal seen
+        try:
+            seen = worker_hosts(client)
+        except OSError:  # a replaced worker closed its comm during the call
+            return False
+        return seen == expected
+
+    wait_until(settled, timeout, interval=0.25)
+    return seen

@@ -29,8 +29,6 @@ from dask_lazycluster.testing import TestHosts
 
 from .conftest import wait_no_leftovers
 
-pytestmark = pytest.mark.usefixtures("leak_check")
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sysconfig.get_path("scripts"))
 COMMANDS = ["add-runtime", "check", "delete-runtime", "list-runtimes", "up"]
@@ -107,17 +105,15 @@ def test_check_a_good_and_an_unknown_host(hosts: TestHosts) -> None:
     assert good.returncode == 0, good.stderr
     assert f"{hosts.names[0]}: ok" in good.stdout
     assert distributed.__version__ in good.stdout and "port 8786" in good.stdout
+    assert f"({sys.version.split()[0]})" in good.stdout  # the host's python and its version
     mixed = run_cli("check", hosts.names[0], "lz-no-such-host.invalid")
     assert_one_line_error(mixed, "lz-no-such-host.invalid", "resolve")
     assert "lz-no-such-host.invalid: UNUSABLE" in mixed.stdout
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs a system python")
-def test_check_a_python_without_distributed(hosts: TestHosts) -> None:
-    probe = subprocess.run(["/usr/bin/python3", "-c", "import distributed"], capture_output=True)
-    if probe.returncode == 0:
-        pytest.skip("the system python has distributed")
-    result = run_cli("check", "--python", "/usr/bin/python3", hosts.names[0])
+def test_check_a_python_without_distributed(hosts: TestHosts,
+                                            python_without_distributed: str) -> None:
+    result = run_cli("check", "--python", python_without_distributed, hosts.names[0])
     assert_one_line_error(result, hosts.names[0], "cannot import distributed")
 
 
@@ -172,10 +168,11 @@ def working_dirs(hosts: TestHosts) -> set[str]:
     """Temp working dirs in use by processes inside the test hosts right now."""
     found = set()
     for name in hosts.names:
+        private = f"{hosts.host_tmpdir(name)}/lazycluster-"
         for pid in hosts.pids(name):
             with contextlib.suppress(psutil.Error):
                 cwd = psutil.Process(pid).cwd()
-                if cwd.startswith("/tmp/lazycluster-"):
+                if cwd.startswith(private):
                     found.add(cwd)
     return found
 
@@ -218,6 +215,27 @@ def test_up_serves_until_sigint_and_leaves_nothing(hosts: TestHosts, own_process
     assert not [d for d in ours if os.path.exists(d)]
     assert not psutil.pid_exists(scheduler_pid) or (
         psutil.Process(scheduler_pid).status() == psutil.STATUS_ZOMBIE)
+
+
+def test_up_with_the_scheduler_on_a_host(hosts: TestHosts) -> None:
+    scheduler_host = hosts.names[1]
+    proc = start_up("--hosts", ",".join(hosts.names[:2]), "--n-workers", "2",
+                    "--scheduler-host", scheduler_host, stdout=subprocess.PIPE)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    with diagnosed(proc):
+        address = _wait_for(lines, r"^Scheduler: (tcp://\S+)", seen).group(1)
+        assert address.startswith("tcp://127.0.0.1:")  # reached through a local forward
+        _wait_for(lines, r"^Ready: 2 worker", seen)
+        with Client(address, timeout=30) as client:
+            assert client.submit(lambda x: x + 1, 41).result(timeout=60) == 42
+            where = client.run_on_scheduler(lambda: __import__("socket").gethostname())
+        if hosts.mode == "netns":
+            assert where == scheduler_host
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    assert not wait_no_leftovers(hosts)
 
 
 def test_up_on_a_terminal_shows_progress_and_stops_on_sigterm(hosts: TestHosts) -> None:

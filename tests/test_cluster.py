@@ -6,14 +6,17 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 from distributed import Client
+from distributed.diskutils import WorkSpace
 
 from dask_lazycluster import (
     DaskCluster,
@@ -24,17 +27,23 @@ from dask_lazycluster import (
     PortInUseError,
     RoundRobinLauncher,
     RuntimeGroup,
+    RuntimeTask,
+    WorkersUnavailableError,
 )
 from dask_lazycluster.testing import TestHosts
 
 from .conftest import ours_left, wait_no_leftovers
-from .helpers import echo_server_on_manager, free_port, wait_until
+from .helpers import (
+    echo_server_on_manager,
+    free_port,
+    new_tcp_refused,
+    wait_layout,
+    wait_until,
+    worker_hosts,
+)
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
-
-def hostnames(client: Client) -> Counter[str]:
-    return Counter(client.run(socket.gethostname).values())
 
 
 def wait_workers(client: Client, n: int, timeout: float = 60) -> None:
@@ -64,7 +73,7 @@ def test_seed_flow(hosts: TestHosts, group: RuntimeGroup,
     assert client.submit(lambda x: x + 1, 1).result() == 2
     assert sum(client.gather(client.map(lambda x: x * 2, range(100)))) == 9900
     if hosts.mode == "netns":
-        assert hostnames(client) == Counter({name: 1 for name in hosts.names})
+        assert worker_hosts(client) == Counter({name: 1 for name in hosts.names})
     assert {h: len(p) for h, p in cluster._worker_launcher.ports_per_host.items()} == {
         name: 1 for name in hosts.names}
     cluster.print_log()
@@ -81,20 +90,24 @@ def test_speccluster_behaviour_and_balanced_scaling(netns: TestHosts, group: Run
         assert "DaskCluster" in cluster._repr_html_()
         with urllib.request.urlopen(cluster.dashboard_link, timeout=10) as page:
             assert page.status == 200
+        two_each = Counter({n: 2 for n in names})
         cluster.scale(6)
         wait_workers(client, 6)
-        assert hostnames(client) == Counter({n: 2 for n in names})
+        assert wait_layout(client, two_each) == two_each
         cluster.scale(4)
         wait_workers(client, 4)
-        # removed from the busiest hosts, last in group order first
-        assert hostnames(client) == Counter({names[0]: 2, names[1]: 1, names[2]: 1})
+        # removed from the busiest hosts, last in group order first; the workers left alone
+        # on a host are replaced by whole-host ones, so the layout settles after the count
+        after_down = Counter({names[0]: 2, names[1]: 1, names[2]: 1})
+        assert wait_layout(client, after_down) == after_down
         cluster.scale(6)
         wait_workers(client, 6)
-        assert hostnames(client) == Counter({n: 2 for n in names})  # refilled the emptiest
+        assert wait_layout(client, two_each) == two_each  # refilled the emptiest
         assert all(len(p) == 2 for p in cluster._worker_launcher.ports_per_host.values())
-        threads = cluster._threads_per_worker()
-        cluster.scale(cores=threads * 2)
-        wait_workers(client, 2)
+        # scale(cores=) counts real sizes: one worker per host has all of its cores.
+        cores = group.get_runtime(names[0]).cpu_cores
+        cluster.scale(cores=cores)
+        wait_workers(client, 1)
         assert "Cluster" in cluster.get_logs()
         assert client.submit(sum, [1, 2]).result() == 3
 
@@ -164,17 +177,8 @@ def test_auto_mode_picks_direct_or_tunnel_per_host(netns: TestHosts, fw_hosts: T
 @pytest.fixture
 def host0_cannot_dial_host1(netns: TestHosts) -> Iterator[None]:
     """Host 0 may not open TCP connections to host 1 (SSH excepted); replies still pass."""
-    nft = ["ip", "netns", "exec", str(netns.hosts[0].netns), "nft"]
-    subprocess.run([*nft, "add", "table", "inet", "lztest"], check=True)
-    try:
-        subprocess.run([*nft, "add", "chain", "inet", "lztest", "out",
-                        "{ type filter hook output priority 0 ; }"], check=True)
-        subprocess.run([*nft, "add", "rule", "inet", "lztest", "out", "ip", "daddr",
-                        netns.hosts[1].address, "tcp", "dport", "!=", "22", "ct", "state", "new",
-                        "reject"], check=True)
+    with new_tcp_refused(netns, 0, netns.hosts[1].address, outgoing=True, table="lztest"):
         yield
-    finally:
-        subprocess.run([*nft, "delete", "table", "inet", "lztest"], check=False)
 
 
 @pytest.mark.usefixtures("host0_cannot_dial_host1")
@@ -242,6 +246,70 @@ def test_master_port_rules(netns: TestHosts, group: RuntimeGroup) -> None:
             cluster.start_master(port + 1)
 
 
+def test_scheduler_port_lost_at_bind_is_chosen_again(
+        group: RuntimeGroup, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The race of two clusters starting at once: the manager's free-port checks pass, then
+    # another program binds the port before the scheduler does. Our checks are made to miss
+    # 8786's holder (the only stand-in); the bind and its EADDRINUSE are real.
+    import dask_lazycluster._group_core as group_core
+    import dask_lazycluster.cluster._master as master
+
+    holder = socket.socket()
+    # As the scheduler's own bind does: a port in TIME_WAIT must not keep the holder out.
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 8786))
+        holder.listen()
+    except OSError:
+        pass  # another program holds 8786 already, which sets up the race as well
+    real_check = master.localhost_has_free_port
+
+    def misses_8786(port: int) -> bool:
+        return port == 8786 or real_check(port)
+
+    monkeypatch.setattr(group_core, "localhost_has_free_port", misses_8786)
+    monkeypatch.setattr(master, "localhost_has_free_port", misses_8786)
+    try:
+        with caplog.at_level("INFO", logger="dask_lazycluster"), \
+                DaskCluster(group, n_workers=1, worker_class="distributed.Worker") as cluster, \
+                Client(cluster) as client:
+            assert cluster.master_port != 8786
+            assert cluster.scheduler_address.endswith(f":{cluster.master_port}")
+            client.wait_for_workers(1, timeout=60)  # the hosts' forwards follow the new port
+            assert client.submit(sum, range(5)).result(timeout=30) == 10
+        assert "scheduler port 8786 was taken since it was chosen" in caplog.text
+    finally:
+        holder.close()
+
+
+def test_worker_port_taken_on_its_host_after_the_snapshot_is_chosen_again(
+        hosts: TestHosts, caplog: pytest.LogCaptureFixture) -> None:
+    # The cluster reuses the group's fresh port snapshot; a program that binds the worker's
+    # port on its host after that makes the worker's own bind fail there (really).
+    first = 29500 + os.getpid() % 400
+    group = RuntimeGroup(hosts=hosts.names[:1])
+    try:
+        holder = group.execute_task(RuntimeTask("hold").run_command(
+            f"python3 -c 'import socket, time; s = socket.socket(); "
+            f"s.bind((\"127.0.0.1\", {first})); s.listen(); print(\"held\", flush=True); "
+            f"time.sleep(120)'"), execute_async=True)
+        assert isinstance(holder, RuntimeTask)
+        assert wait_until(lambda: "held" in holder.execution_log, 30), holder.execution_log
+        with caplog.at_level("INFO", logger="dask_lazycluster"), \
+                DaskCluster(group, n_workers=1, worker_class="distributed.Worker",
+                            ports=list(range(first, first + 10)), master_port=free_port(),
+                            tunnel=True) as cluster, Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            (address,) = client.scheduler_info()["workers"]
+            assert not address.endswith(f":{first}"), address
+            assert client.submit(sum, range(5)).result(timeout=30) == 10
+        assert "a port was taken on" in caplog.text, caplog.text
+    finally:
+        group.cleanup()
+    assert wait_no_leftovers(hosts) == {}
+
+
 def test_wrong_python_fails_fast_naming_host_and_path(hosts: TestHosts,
                                                       group: RuntimeGroup) -> None:
     started = time.monotonic()
@@ -269,14 +337,17 @@ def test_custom_launchers_are_honoured(netns: TestHosts, group: RuntimeGroup) ->
                      n_workers=3) as cluster, Client(cluster) as client:
         assert cluster.master_port == master.chosen
         assert master.process is cluster.scheduler
-        assert hostnames(client) == Counter({netns.names[0]: 3})
+        assert worker_hosts(client) == Counter({netns.names[0]: 3})
 
 
 def test_max_workers_per_host(netns: TestHosts, group: RuntimeGroup) -> None:
     with DaskCluster(group, n_workers=3, max_workers_per_host=1,
                      worker_class="distributed.Worker") as cluster:
-        with pytest.raises(NoPortsLeftError, match="max-workers-per-host"):
+        with pytest.raises(WorkersUnavailableError, match="max-workers-per-host=1") as info:
             cluster.scale(4)
+        assert "port" not in str(info.value)  # the ports are not the problem
+        assert set(info.value.causes) == set(netns.names)
+        assert len(cluster.worker_spec) == 3  # nothing changed
 
 
 @pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "scheduler-process"])
@@ -289,6 +360,10 @@ def test_manager_killed_leaves_nothing_running(hosts: TestHosts, own_process: bo
         "print('ready', getattr(cluster.scheduler, 'pid', os.getpid()), flush=True)\n"
         "import time; time.sleep(600)\n"
     )
+    def scratch_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("lazycluster-scheduler-*"))
+
+    scratch_before = scratch_dirs()
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             env={**os.environ})
     try:
@@ -304,6 +379,14 @@ def test_manager_killed_leaves_nothing_running(hosts: TestHosts, own_process: bo
                       psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE, 15)
     assert wait_no_leftovers(hosts, timeout=30) == {}
     assert time.monotonic() - started < 30
+    # The scheduler process's scratch space goes with it (nobody else is left to remove it).
+    assert wait_until(lambda: scratch_dirs() <= scratch_before, 15), scratch_dirs()
+    if not own_process:
+        # An in-process scheduler's scratch dir died with the manager; Dask's next workspace
+        # on this machine purges it, since nobody holds its lock any more.
+        space = Path(tempfile.gettempdir()) / "dask-scratch-space"
+        WorkSpace(str(space)).new_work_dir(prefix="next-").release()
+        assert not [p for p in space.glob("scheduler-*") if p.suffix != ".dirlock"]
 
 
 @pytest.fixture
@@ -321,7 +404,7 @@ def test_cluster_from_config_owns_and_closes_its_group(hosts: TestHosts,
         assert cluster.runtime_group.hosts == config_hosts
         wait_workers(client, 1)
         runtimes = cluster.runtime_group.runtimes
-    assert all(r._closed for r in runtimes)
+    assert all(r.core.closed for r in runtimes)
 
 
 def test_prologue_runs_once_per_host_and_failures_name_the_host(

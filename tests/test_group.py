@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from dask_lazycluster import (
     RuntimeTask,
     TaskExecutionError,
 )
-from dask_lazycluster.runtimes import _live_runtimes
+from dask_lazycluster._core import live_cores
 from dask_lazycluster.testing import TestHosts
+from dask_lazycluster.testing.system import ENV
 
 from .helpers import (
     echo_from_host,
@@ -25,8 +27,6 @@ from .helpers import (
     echo_server_on_manager,
     free_port,
 )
-
-pytestmark = pytest.mark.usefixtures("leak_check")
 
 
 def test_constructor_arguments(hosts: TestHosts) -> None:
@@ -43,10 +43,10 @@ def test_constructor_arguments(hosts: TestHosts) -> None:
 
 
 def test_one_bad_host_fails_the_group_and_leaves_no_connection(hosts: TestHosts) -> None:
-    before = len(_live_runtimes)
+    before = len(live_cores())
     with pytest.raises(InvalidRuntimeError, match="bad-host.invalid"):
         RuntimeGroup(hosts=[hosts.names[0], "bad-host.invalid", hosts.names[1]])
-    assert len(_live_runtimes) == before
+    assert len(live_cores()) == before
 
 
 def test_membership(hosts: TestHosts, group: RuntimeGroup) -> None:
@@ -139,15 +139,13 @@ def test_ports_exposed_when_hosts_open_only_ssh(fw_hosts: TestHosts) -> None:
 
 def test_tasks_broadcast_join_and_returns(hosts: TestHosts, group: RuntimeGroup,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    import socket
-
-    task = RuntimeTask("where").run_command("echo on-$(hostname)").run_function(socket.gethostname)
+    # Each test host's sessions carry its own marker variable (in both harness modes).
+    task = (RuntimeTask("where").run_command(f'echo on-$(basename "${ENV}")')
+            .run_function(lambda: os.path.basename(os.environ[ENV])))
     started = group.execute_task(task, broadcast=True)
     assert isinstance(started, list) and len(started) == len(hosts.names)
     group.join()
-    names = [next(t.function_returns) for t in started]
-    if hosts.mode == "netns":
-        assert sorted(names) == sorted(hosts.names)
+    assert [next(t.function_returns) for t in started] == hosts.names
     assert len(list(group.function_returns)) >= len(hosts.names)
     single = group.execute_task(RuntimeTask("one").run_function(lambda: 5), host=hosts.names[2],
                                 execute_async=False)
@@ -160,7 +158,7 @@ def test_tasks_broadcast_join_and_returns(hosts: TestHosts, group: RuntimeGroup,
         never.join()
     group.print_log()
     out = capsys.readouterr().out
-    assert all(f"on-{n}" in out for n in hosts.names) or hosts.mode != "netns"
+    assert all(f"on-{n}" in out for n in hosts.names), out
     with pytest.raises(ValueError):
         group.execute_task(task, host="nope")
 
@@ -170,7 +168,8 @@ def test_env_and_send_file(hosts: TestHosts, group: RuntimeGroup, tmp_path: Path
     group.add_env_variables({"B": "2"})
     source = tmp_path / "data.txt"
     source.write_text("shared")
-    group.send_file(str(source))
+    sent = group.send_file(str(source), execute_async=False)  # lazycluster's default: async
+    assert [t.host for t in sent] == group.hosts
     tasks = group.execute_task(RuntimeTask("env").run_command('echo "$A$B-$(cat data.txt)"'),
                                broadcast=True, execute_async=False)
     assert isinstance(tasks, list)

@@ -12,8 +12,8 @@ import psutil
 import pytest
 from distributed import Client
 
-from dask_lazycluster import DaskCluster, Runtime, RuntimeGroup, runtimes
-from dask_lazycluster._remote import BOOTSTRAP
+from dask_lazycluster import DaskCluster, Runtime, RuntimeGroup, _host
+from dask_lazycluster._bootstrap import BOOTSTRAP
 from dask_lazycluster.testing import TestHosts
 
 from .conftest import wait_no_leftovers
@@ -60,15 +60,20 @@ def worker_cmdlines(client: Client) -> list[str]:
     return [" ".join(c) for c in client.run(lambda: psutil.Process().cmdline()).values()]
 
 
-def test_first_workers_run_in_the_probe_interpreters_and_are_forked(
+def grandparents(client: Client) -> list[int]:
+    return sorted(client.run(lambda: psutil.Process(os.getppid()).ppid()).values())
+
+
+def test_probe_interpreters_become_the_supervisors_that_fork_the_workers(
         hosts: TestHosts) -> None:
     group = RuntimeGroup(hosts=hosts.names)
     try:
-        parked = {r.host: r._parked_pid for r in group.runtimes}
+        parked = {r.host: r.core.state.parked_pid for r in group.runtimes}
         assert all(psutil.pid_exists(pid) for pid in parked.values())
         with DaskCluster(group, n_workers=len(hosts.names)) as cluster, Client(cluster) as client:
-            # Each worker process is a child of its nanny, and the nanny is the probe's python.
-            assert sorted(client.run(os.getppid).values()) == sorted(parked.values())
+            # Each worker process is a child of its nanny, and the nanny a child of the host's
+            # supervisor: the probe's python, which waited for this.
+            assert grandparents(client) == sorted(parked.values())
             # Forked (the default worker-start-method): a fork keeps the nanny's command line
             # (our bootstrap); a spawned worker's would run multiprocessing's spawn_main.
             assert all(BOOTSTRAP in c for c in worker_cmdlines(client))
@@ -113,7 +118,7 @@ def test_print_log_leaves_out_a_waiting_probe(hosts: TestHosts,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     runtime = Runtime(hosts.names[0])
     try:
-        assert runtime._parked is not None
+        assert runtime.core.state.parked is not None
         runtime.print_log()
         assert capsys.readouterr().out == ""
     finally:
@@ -122,18 +127,18 @@ def test_print_log_leaves_out_a_waiting_probe(hosts: TestHosts,
 
 def test_unclaimed_probe_ends_by_itself(hosts: TestHosts,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtimes, "PROBE_PARK_SECONDS", 1.0)
-    monkeypatch.setattr(runtimes, "_PARK_MARGIN", 0.5)
+    monkeypatch.setattr(_host, "PROBE_PARK_SECONDS", 1.0)
+    monkeypatch.setattr(_host, "PARK_MARGIN", 0.5)
     runtime = Runtime(hosts.names[0])
     try:
-        pid = runtime._parked_pid
+        pid = runtime.core.state.parked_pid
         assert psutil.pid_exists(pid)
         assert wait_until(lambda: not psutil.pid_exists(pid), timeout=10)
         # Too old to count on: a cluster starts a fresh interpreter instead, and works.
         group = RuntimeGroup(runtimes=[runtime])
         with DaskCluster(group, n_workers=1) as cluster, Client(cluster) as client:
-            assert client.run(os.getppid) and client.submit(len, "abc").result() == 3
-            assert pid not in client.run(os.getppid).values()
+            assert client.submit(len, "abc").result() == 3
+            assert pid not in grandparents(client)
     finally:
         runtime.cleanup()
     assert wait_no_leftovers(hosts) == {}
