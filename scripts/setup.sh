@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Shared set-up for scripts/test.sh and scripts/demo.sh (sourced, not run): on a fresh Debian 12
-# machine as root, installs the Debian packages the real-SSH test hosts need (only if missing),
-# then this package with its test extra.
+# Shared set-up for scripts/test.sh, scripts/demo.sh and .ci/run (sourced, not run): on a fresh
+# Debian 12 machine as root, installs the Debian packages the real-SSH test hosts need (only if
+# missing), then this package with its test and docs extras. Done once per shell: a script
+# sourcing it after another already did (.ci/run, then scripts/test.sh) skips the work.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+if [[ ${LAZYCLUSTER_SETUP_DONE:-} == 1 ]]; then
+    return 0 2>/dev/null || exit 0
+fi
 
 # openssh-server: sshd; iproute2: ip netns/veth/bridge; nftables: firewalled hosts; procps: pgrep/ps
 packages=(openssh-server openssh-client iproute2 nftables procps util-linux)
@@ -30,4 +34,5 @@ if ((${#missing[@]})); then
     if ((added_policy)); then rm -f "$policy_rc"; fi
 fi
 
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --root-user-action=ignore -e '.[test]'
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install -q --root-user-action=ignore -e '.[test,docs]'
+export LAZYCLUSTER_SETUP_DONE=1
