@@ -1,9 +1,11 @@
 """Benchmarks of DaskCluster side by side with LocalCluster, SSHCluster and OpenSSH (issue 5).
 
-    python benchmarks/run.py [--rounds 3] [--quick] [--only start3,start12,throughput]
+    python benchmarks/run.py [--rounds 3] [--quick]
+        [--only start3,start12,throughput,manyhosts,manyworkers]
 
-Starts its own SSH test hosts (the project's harness, prefix ``lzbench``, 12 hosts; the first 3
-serve the 3-host figures), runs every contestant alternately (A B C D A B C D ...), each cold
+Starts its own SSH test hosts (the project's harness, prefix ``lzbench``, 24 hosts; the first 3
+serve the 3-host figures, the first 12 the 12-host ones, host 1 alone the 32 workers of
+``manyworkers``), runs every contestant alternately (A B C D A B C D ...), each cold
 start in a fresh Python process, prints a table and the issue's target ratios with PASS/MISS,
 writes ``docs/benchmarks.md`` and ``docs/benchmarks.png``, and tears the hosts down (also on
 Ctrl-C and errors). Run as root (network-namespace hosts). Not part of the test run.
@@ -39,14 +41,23 @@ sys.path.insert(0, str(ROOT))
 from dask_lazycluster.testing.hosts import HarnessError, TestHosts, clear_stale  # noqa: E402
 
 CONTESTANT = Path(__file__).resolve().parent / "contestant.py"
-KINDS = ["local", "sshcluster", "dask-tunnel", "dask-direct", "dask-tunnel-sp"]
-# The opt-in scheduler process is measured at 3 hosts only (its trade-off shows there).
-KINDS_12 = [k for k in KINDS if k != "dask-tunnel-sp"]
+KINDS = ["local", "sshcluster", "dask-tunnel", "dask-direct", "dask-tunnel-sp", "dask-remote",
+         "dask-remote-tunnel"]
+# The opt-in scheduler process and the scheduler on a host are measured at 3 hosts only (their
+# trade-offs show there).
+KINDS_12 = [k for k in KINDS if k not in ("dask-tunnel-sp", "dask-remote", "dask-remote-tunnel")]
+# Many hosts (issue 12): 24 hosts with one worker each. Many workers: 32 on one host.
+MANY_HOSTS = 24
+MANY_WORKERS = 32
+SECTIONS = ("start3", "start12", "throughput", "manyhosts", "manyworkers")
 LABELS = {"local": "LocalCluster", "sshcluster": "SSHCluster", "dask-tunnel": "DaskCluster(tunnel=True)",
           "dask-direct": "DaskCluster(tunnel=False)",
-          "dask-tunnel-sp": "DaskCluster(tunnel=True), scheduler-process: true"}
+          "dask-tunnel-sp": "DaskCluster(tunnel=True), scheduler-process: true",
+          "dask-remote": "DaskCluster(scheduler_host=host 1, tunnel=\"auto\")",
+          "dask-remote-tunnel": "DaskCluster(scheduler_host=host 1, tunnel=True)"}
 SHORT = {"local": "Local", "sshcluster": "SSHCluster", "dask-tunnel": "Dask tunnel",
-         "dask-direct": "Dask direct", "dask-tunnel-sp": "Dask tunnel+sp"}
+         "dask-direct": "Dask direct", "dask-tunnel-sp": "Dask tunnel+sp",
+         "dask-remote": "Dask remote auto", "dask-remote-tunnel": "Dask remote tunnel"}
 TP_MODES = ["asyncssh", "openssh", "direct"]
 TP_LABELS = {"asyncssh": "Runtime.expose_port_from_runtime (asyncssh)",
              "openssh": "OpenSSH ssh -L", "direct": "direct TCP (no SSH)"}
@@ -126,7 +137,9 @@ class Bench:
         self.args = args
         self.quick = args.quick
         self.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
-        self.only = set(args.only.split(",")) if args.only else {"start3", "start12", "throughput"}
+        self.only = set(args.only.split(",")) if args.only else set(SECTIONS)
+        if self.only - set(SECTIONS):
+            raise SystemExit(f"error: unknown --only section(s) {sorted(self.only - set(SECTIONS))}")
         self.tmp = Path(tempfile.mkdtemp(prefix="lzbench-"))
         self.logdir = self.tmp / "logs"
         self.logdir.mkdir()
@@ -142,7 +155,7 @@ class Bench:
 
     def snapshot_package(self) -> None:
         """Copy dask_lazycluster so every run of this benchmark measures the same code."""
-        src = ROOT / "dask_lazycluster"
+        src = Path(self.args.package).resolve() if self.args.package else ROOT / "dask_lazycluster"
         dst = self.tmp / "pkg" / "dask_lazycluster"
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         digest = hashlib.sha256()
@@ -150,7 +163,7 @@ class Bench:
             if f.is_file():
                 digest.update(str(f.relative_to(dst)).encode() + f.read_bytes())
         self.pkg_digest = digest.hexdigest()[:12]
-        git = ["git", "-C", str(ROOT)]
+        git = ["git", "-C", str(src.parent)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "dask_lazycluster"],
@@ -174,7 +187,7 @@ class Bench:
         except HarnessError as exc:
             raise SystemExit(f"error: {exc} (python -m dask_lazycluster.testing down --prefix "
                              f"{prefix})") from exc
-        n = 12 if "start12" in self.only else 3
+        n = MANY_HOSTS if "manyhosts" in self.only else 12 if "start12" in self.only else 3
         log(f"starting {n} test hosts (prefix {prefix}) ...")
         self.hosts = TestHosts(n, prefix=prefix).up(timeout=60)
         if self.hosts.mode != "netns":
@@ -231,11 +244,15 @@ class Bench:
 
     # -- cluster runs --------------------------------------------------------------------------
 
-    def run_cluster(self, kind: str, n: int, figures: list[str], rnd: int) -> None:
+    def run_cluster(self, kind: str, n: int, figures: list[str], rnd: int, *, hosts: int | None = None,
+                    extra: list[str] | None = None, timeout: float | None = None) -> None:
+        """One contestant in a fresh process: n workers on the first ``hosts`` hosts (default n)."""
         assert self.hosts is not None and self.mgr is not None
         self.seq += 1
-        names = self.hosts.names[:n]
-        addresses = {h.name: h.address for h in self.hosts.hosts[:n]}
+        nh = n if hosts is None else hosts
+        names = self.hosts.names[:nh]
+        addresses = {h.name: h.address for h in self.hosts.hosts[:nh]}
+        netns = {h.name: h.netns for h in self.hosts.hosts[:nh]}
         logfile = self.logdir / f"{self.seq:03d}-{kind}-{n}.log"
         argv = [sys.executable, str(CONTESTANT), "cluster", "--kind", kind, "--n", str(n),
                 "--hosts", ",".join(names), "--addresses", json.dumps(addresses),
@@ -243,8 +260,10 @@ class Bench:
                 "--scheduler-ssh-host", self.mgr.names[0],
                 "--scheduler-address", self.hosts.manager_address,
                 "--figures", ",".join(figures), "--reps", "1" if self.quick else "3",
-                "--timeout", "120"]
-        timeout = 240 if n <= 3 else 360
+                "--timeout", "240" if n > 12 else "120", "--host-netns", json.dumps(netns),
+                *(extra or [])]
+        if timeout is None:
+            timeout = 240 if n <= 3 else 360 if n <= 12 else 600
         log(f"round {rnd + 1}: {LABELS[kind]}, {n} workers{' + ' + ','.join(figures) if figures else ''}")
         with open(logfile, "w") as err:
             t0 = time.time()
@@ -366,6 +385,21 @@ class Bench:
             for rnd in range(self.rounds):
                 for kind in KINDS_12:
                     self.run_cluster(kind, 12, [], rnd)
+        if "manyhosts" in self.only:
+            # cold start of 24 hosts, 4000 tasks, then 10 s idle with the cluster up
+            for rnd in range(self.rounds):
+                for kind in KINDS_12:
+                    self.run_cluster(kind, MANY_HOSTS, ["tasks", "idle", "sessions"], rnd,
+                                     extra=["--tasks", "4000", "--idle", "10"])
+        if "manyworkers" in self.only:
+            # 32 workers on host 1: scale 1 -> 32 (SSHCluster cannot scale: a cold start of 32
+            # with worker_options n_workers=32), then the host's memory when idle
+            for rnd in range(self.rounds):
+                for kind in KINDS_12:
+                    start_n = MANY_WORKERS if kind == "sshcluster" else 1
+                    figures = ["hostmem"] if kind == "sshcluster" else ["scaleto", "hostmem"]
+                    self.run_cluster(kind, MANY_WORKERS, figures, rnd, hosts=1,
+                                     extra=["--start-n", str(start_n), "--idle", "5"])
         if "throughput" in self.only:
             self.run_throughput()
         self.load_end = os.getloadavg()
@@ -541,18 +575,55 @@ class Report:
             ("4. worker-to-worker 100 MB, s", "transfer_s", 3, "{:.2f}", 1.0),
             ("6. manager RSS after start, MB (3 workers)", "rss", 3, "{:.0f}", 1e-6),
             ("6. manager RSS after start, MB (12 workers)", "rss", 12, "{:.0f}", 1e-6),
-            ("   scheduler process RSS (its own process), MB (3)", "scheduler_rss", 3, "{:.0f}", 1e-6),
+            ("   scheduler RSS (its own process or host), MB (3)", "scheduler_rss", 3, "{:.0f}", 1e-6),
             ("   close(), s (3 workers)", "close_s", 3, "{:.2f}", 1.0),
+            (f"7. {MANY_HOSTS} hosts, 1 worker each: cold start to all ready, s", "start_s", MANY_HOSTS,
+             "{:.2f}", 1.0),
+            (f"   manager CPU (user+sys) until ready, s ({MANY_HOSTS})", "cpu_s", MANY_HOSTS, "{:.2f}", 1.0),
+            (f"   4000 trivial tasks round trip, s ({MANY_HOSTS} hosts)", "tasks_s", MANY_HOSTS, "{:.2f}",
+             1.0),
+            (f"   idle manager CPU per host, % of a core ({MANY_HOSTS} hosts, 10 s)", "idle_cpu_pct_per_host",
+             MANY_HOSTS, "{:.2f}", 1.0),
+            (f"   idle manager CPU, all hosts, % of a core ({MANY_HOSTS} hosts)", "idle_cpu_pct", MANY_HOSTS,
+             "{:.1f}", 1.0),
+            (f"   manager RSS after start, MB ({MANY_HOSTS} workers)", "rss", MANY_HOSTS, "{:.0f}", 1e-6),
+            (f"8. {MANY_WORKERS} workers on 1 host: scale 1 → {MANY_WORKERS} (all registered), s",
+             "scaleto_s", MANY_WORKERS, "{:.2f}", 1.0),
+            ("   the same, per worker added, s", "scaleto_per_worker_s", MANY_WORKERS, "{:.3f}", 1.0),
+            (f"   process start to {MANY_WORKERS} workers ready, s (SSHCluster: cold start with "
+             f"n_workers={MANY_WORKERS})", "start_all_s", MANY_WORKERS, "{:.2f}", 1.0),
+            ("   host memory when idle, RSS per worker, MB", "host_rss_per_worker", MANY_WORKERS,
+             "{:.0f}", 1e-6),
+            ("   host memory when idle, PSS per worker, MB", "host_pss_per_worker", MANY_WORKERS,
+             "{:.0f}", 1e-6),
+            ("   host memory when idle, RSS of all its processes, MB", "host_rss", MANY_WORKERS,
+             "{:.0f}", 1e-6),
+            ("   processes on the host (sshd's own not counted)", "host_procs", MANY_WORKERS, "{:.0f}", 1.0),
         ]
         for label, key, n, fmt, scale in specs:
             rows.append([label] + [cell(k, key, n, fmt, scale) for k in KINDS])
         for label, key, n in (("6. SSH connections per host (3 workers)", "ssh_conns", 3),
                               ("6. SSH connections per host (12 workers)", "ssh_conns", 12),
-                              ("6. SSH connections per host (6 workers on 3 hosts)", "ssh_conns_2n", 3)):
+                              ("6. SSH connections per host (6 workers on 3 hosts)", "ssh_conns_2n", 3),
+                              (f"6. SSH connections per host ({MANY_HOSTS} workers)", "ssh_conns",
+                               MANY_HOSTS),
+                              (f"6. SSH connections per host ({MANY_WORKERS} workers on 1 host)",
+                               "ssh_conns_scaled", MANY_WORKERS),
+                              (f"6. SSH connections per host ({MANY_WORKERS} workers on 1 host, SSHCluster "
+                               "cold start)", "ssh_conns", MANY_WORKERS)):
             cells = []
             for k in KINDS:
                 m = self.max_conns(k, key, n)
+                if key == "ssh_conns" and n == MANY_WORKERS and k != "sshcluster":
+                    m = None  # the others' figure is the one after scaling, the row above
                 cells.append("n/a" if m is None or k == "local" else f"{m} (max)")
+            rows.append([label, *cells])
+        for label, n in ((f"6. SSH sessions per host ({MANY_HOSTS} workers)", MANY_HOSTS),
+                         (f"6. SSH sessions on the host ({MANY_WORKERS} workers on 1 host)", MANY_WORKERS)):
+            cells = []
+            for k in KINDS:
+                vals = self.values(k, "host_sessions", n)
+                cells.append("n/a" if not vals or k == "local" else f"{max(vals):.0f} (max)")
             rows.append([label, *cells])
         return rows
 
@@ -601,17 +672,41 @@ class Report:
             ratio(m("dask-tunnel-sp", "tasks_s", 3), ts), "<=", 1.15, note=sp)
         add("cold start 3 workers: DaskCluster(tunnel=True), scheduler process / SSHCluster",
             ratio(m("dask-tunnel-sp", "start_s", 3), s3), "<=", 0.6, note=sp)
+        # The scheduler on a host (issue 16): only the client's link crosses SSH.
+        rs = "scheduler on host 1, tunnel=\"auto\" (all hosts direct here)"
+        add("2000 tasks: DaskCluster(scheduler_host) / SSHCluster",
+            ratio(m("dask-remote", "tasks_s", 3), ts), "<=", 1.0, note=rs)
+        add("worker-to-worker 100 MB: DaskCluster(scheduler_host) / SSHCluster (throughput)",
+            ratio(m("sshcluster", "transfer_s", 3), m("dask-remote", "transfer_s", 3)), ">=", 0.9,
+            note=rs)
+        add("cold start 3 workers: DaskCluster(scheduler_host) / SSHCluster",
+            ratio(m("dask-remote", "start_s", 3), s3), "<=", 0.8, note=rs)
+        rt = "scheduler on host 1, tunnel=True (informative)"
+        add("2000 tasks: DaskCluster(scheduler_host, tunnel=True) / SSHCluster",
+            ratio(m("dask-remote-tunnel", "tasks_s", 3), ts), "<=", 1.0, note=rt)
+        add("cold start 3 workers: DaskCluster(scheduler_host, tunnel=True) / SSHCluster",
+            ratio(m("dask-remote-tunnel", "start_s", 3), s3), "<=", 0.8, note=rt)
         add("raw tunnel throughput: asyncssh forward / OpenSSH ssh -L",
             ratio(m("tp-asyncssh", "tp_MBps"), m("tp-openssh", "tp_MBps")), ">=", 1.0)
         # worker-to-worker: throughput ratio = direct time / tunnel time
         add("worker-to-worker 100 MB: tunnel / direct (throughput)",
             ratio(m("dask-direct", "transfer_s", 3), m("dask-tunnel", "transfer_s", 3)), ">=", 0.5)
+        # Many workers on one host (issue 12): the supervisor forks each from its one session.
+        add(f"scale 1 → {MANY_WORKERS} on one host, DaskCluster(tunnel=True), seconds per worker",
+            m("dask-tunnel", "scaleto_per_worker_s", MANY_WORKERS), "<=", 0.3, unit="s")
+        add(f"scale 1 → {MANY_WORKERS} on one host, DaskCluster(tunnel=False), seconds per worker",
+            m("dask-direct", "scaleto_per_worker_s", MANY_WORKERS), "<=", 0.3, unit="s",
+            note="informative")
+        add(f"cold start {MANY_HOSTS} workers: DaskCluster(tunnel=True) / SSHCluster",
+            ratio(m("dask-tunnel", "start_s", MANY_HOSTS), m("sshcluster", "start_s", MANY_HOSTS)), "<=",
+            0.6, note="the 3-host target at 24 hosts (informative)")
         for kind in ("dask-tunnel", "dask-direct"):
             conns = [self.max_conns(kind, key, n) for key, n in
-                     (("ssh_conns", 3), ("ssh_conns", 12), ("ssh_conns_2n", 3))]
+                     (("ssh_conns", 3), ("ssh_conns", 12), ("ssh_conns_2n", 3), ("ssh_conns", MANY_HOSTS),
+                      ("ssh_conns_scaled", MANY_WORKERS))]
             known = [c for c in conns if c is not None]
-            add(f"SSH connections per host, {LABELS[kind]} (max over 3, 12 hosts and 6 workers on 3)",
-                float(max(known)) if known else None, "<=", 1, unit="")
+            add(f"SSH connections per host, {LABELS[kind]} (max over 3, 12, {MANY_HOSTS} hosts, 6 workers "
+                f"on 3 and {MANY_WORKERS} on 1)", float(max(known)) if known else None, "<=", 1, unit="")
         return out
 
     # ---
@@ -665,8 +760,8 @@ class Report:
         if png:
             lines += ["", f"![cold start and target ratios]({png})"]
         lines += ["", "## Results", "",
-                  "Median over rounds (min–max in brackets). One worker per host (the 12-worker "
-                  "LocalCluster runs 12 local workers).", "",
+                  "Median over rounds (min–max in brackets). One worker per host (LocalCluster runs "
+                  "as many local workers), except section 8: 32 workers on host 1.", "",
                   "| figure | " + " | ".join(LABELS[k] for k in KINDS) + " |",
                   "|---|" + "---|" * len(KINDS)]
         for row in self.table_rows():
@@ -707,7 +802,10 @@ class Report:
                   "scheduler is bound to the bridge address 10.231.0.1 (`scheduler_options={'host': "
                   "..., 'port': 0}`) and the workers to `interface='eth0'`, because the default "
                   "addresses are unroutable here; `remote_python=sys.executable`. `DaskCluster` runs "
-                  "with its defaults (Nanny workers, scheduler in-process). Every contestant keeps "
+                  "with its defaults (Nanny workers, scheduler in-process), except the "
+                  "`scheduler_host` contestants, whose scheduler runs on host 1 with the workers "
+                  "(`tunnel=\"auto\"`, which finds every host direct here, and `tunnel=True`). "
+                  "Every contestant keeps "
                   "its default dashboard and thread counts.",
                   "- In the same process after the cold start (warm): 2000 tasks "
                   "`client.gather(client.map(inc, range(2000), pure=False))` after a 20-task warm-up; "
@@ -720,6 +818,21 @@ class Report:
                   "SSHCluster the scheduler is a separate process, shown on its own row). SSH "
                   "connections: established TCP connections of the manager process to port 22 of "
                   "each host (`psutil`), the maximum over hosts.",
+                  f"- Many hosts (7): {MANY_HOSTS} hosts, one worker each, contestants as at 12 hosts. "
+                  "After the cold start, 4000 tasks (`inc` as above, median of 3), then the manager "
+                  "process's CPU time over 10 s of idleness with the cluster up (for SSHCluster plus its "
+                  "scheduler process on the manager; the others run the scheduler in-process), as % of "
+                  "a core, divided by the hosts. SSH sessions per host: processes in the host whose "
+                  "parent is an sshd process (each session's command), the maximum over hosts.",
+                  f"- Many workers (8): {MANY_WORKERS} workers on host 1. DaskCluster and LocalCluster "
+                  f"start with 1 worker, then `scale({MANY_WORKERS})` is timed until {MANY_WORKERS} "
+                  f"workers run (per worker: divided by {MANY_WORKERS - 1}); SSHCluster cannot scale and "
+                  f"cold-starts {MANY_WORKERS} workers with `worker_options={{'n_workers': "
+                  f"{MANY_WORKERS}}}` (its way to many workers on a host, over one connection). After 5 s "
+                  "of idleness, RSS and PSS (`psutil` `memory_full_info`) summed over every process in the "
+                  "host's network namespace except sshd's own (supervisor, nannies, workers, shells); "
+                  "for LocalCluster over the manager's child processes. RSS counts pages shared after "
+                  "fork once per process, PSS shares them out.",
                   "- Raw throughput: a sink server inside host 1 counts bytes until EOF and answers the "
                   "count; the benchmark process sends random data in 1 MiB `sendall` calls through: "
                   "an asyncssh local forward held by `Runtime.expose_port_from_runtime` in another "
@@ -746,16 +859,17 @@ class Report:
             return False
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.5]})
         colors = {"local": "#9e9e9e", "sshcluster": "#e08a2c", "dask-tunnel": "#2c6fbb",
-                  "dask-direct": "#63a6e0", "dask-tunnel-sp": "#7e57c2"}
+                  "dask-direct": "#63a6e0", "dask-tunnel-sp": "#7e57c2", "dask-remote": "#2e9e5b",
+                  "dask-remote-tunnel": "#8bc79f"}
         width = 0.8 / len(KINDS)
         for i, kind in enumerate(KINDS):
             # A contestant not measured at some size gets no bar there (not a bar of 0).
-            points = [(x + (i - (len(KINDS) - 1) / 2) * width, v) for x, n in enumerate((3, 12))
+            points = [(x + (i - (len(KINDS) - 1) / 2) * width, v) for x, n in enumerate((3, 12, MANY_HOSTS))
                       if (v := self.med(kind, "start_s", n)) is not None]
             bars = ax1.bar([p[0] for p in points], [p[1] for p in points], width,
                            label=LABELS[kind], color=colors[kind])
             ax1.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax1.set_xticks(range(2), ["3 workers (3 hosts)", "12 workers (12 hosts)"])
+        ax1.set_xticks(range(3), [f"{n} workers\n({n} hosts)" for n in (3, 12, MANY_HOSTS)])
         ax1.set_ylabel("seconds (median)")
         ax1.set_title("Cold start to all workers ready")
         ax1.set_ylim(0, ax1.get_ylim()[1] * 1.4)  # headroom: the legend sits above the bars
@@ -788,9 +902,12 @@ def main() -> int:
                         help="rounds per figure (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="1 round, 1 repetition inside each process, 256 MiB throughput")
-    parser.add_argument("--only", default="", help="comma list of start3,start12,throughput")
+    parser.add_argument("--only", default="", help="comma list of " + ",".join(SECTIONS))
     parser.add_argument("--prefix", default="lzbench", help="test host prefix")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.*")
+    parser.add_argument("--package", default="", metavar="DIR",
+                        help="measure this dask_lazycluster directory (e.g. of an older checkout) "
+                             "instead of the one next to this script")
     parser.add_argument("--json", default="", help="also save the results (state) to this file")
     parser.add_argument("--render", default="", metavar="JSON",
                         help="only re-render the report and docs from a saved --json file")
