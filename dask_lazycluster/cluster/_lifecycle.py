@@ -369,9 +369,11 @@ class ClusterLifecycle(MasterSteps, _ClusterState):
                 self._scheduler_failed(host, f"the SSH connection to {host} was lost")
             return
         if alive:
-            planner.unhealthy.discard(host)
+            # Usable again only once its forwards are back, so a scale() now cannot place a
+            # worker that would find no way to the scheduler.
             await self._restore_scheduler_relay(host)
             await on_loop(self._restore_tunnels(host))
+            planner.unhealthy.discard(host)
             logger.warning("host %s is reachable again; new workers may go there", host)
             return
         planner.unhealthy.add(host)

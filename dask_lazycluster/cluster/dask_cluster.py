@@ -394,6 +394,16 @@ class DaskCluster(ClusterNaming, ClusterStatus, ClusterOwnerAPI, ClusterLifecycl
         return [h for h in self.runtime_group.hosts if h in direct]
 
     @property
+    def lost_hosts(self) -> list[str]:
+        """Hosts whose SSH connection is down; no worker is placed there until it is back.
+
+        A host leaves this list once its connection and forwards are restored, so a
+        ``scale()`` after that may use it again.
+        """
+        lost = self._planner.unhealthy if self._planner else set()
+        return [h for h in self.runtime_group.hosts if h in lost]
+
+    @property
     def tunnel(self) -> bool | str:
         """The networking mode: True (SSH tunnels), False (direct) or ``"auto"``."""
         return self._tunnel
